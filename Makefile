@@ -1,0 +1,36 @@
+# Two commands do everything: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test load bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3 -m venv failed; installing python3-venv from apt"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
+	  $(PYTHON) -m venv $(VENV); }
+	@$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/pip install -q -r requirements-dev.txt
+	@touch $@
+
+run: $(VENV)/.runtime
+	$(BIN)/python bench/arena.py
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q test_rinha.py bench/
+
+load: $(VENV)/.dev
+	$(BIN)/python bench/load.py
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) bench/out run

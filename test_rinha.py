@@ -1,0 +1,928 @@
+"""Tests of rinha.py, in the order of its sections. Everything that can run here runs for
+real: rinha.py as a process on real sockets, against the processor emulator
+(bench/processor.py). Only connection resets and 429s on demand come from a scripted fake."""
+import array
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rinha
+
+ROOT = Path(__file__).resolve().parent
+PYTHON = sys.executable
+TOKEN = "123"
+
+
+# ---------------------------------------------------------------------------
+# Harness: processes, ports, HTTP
+# ---------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    """A child process whose stderr is collected; waits for a line saying it is ready."""
+
+    def __init__(self, args, ready, env=None):
+        self.lines = []
+        self.popen = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      env={**os.environ, **(env or {})}, cwd=ROOT)
+        self.ready = threading.Event()
+        threading.Thread(target=self.read, args=(ready,), daemon=True).start()
+        if not self.ready.wait(15):
+            self.stop()
+            raise RuntimeError(f"{args} not ready:\n" + "".join(self.lines))
+
+    def read(self, ready):
+        for raw in self.popen.stderr:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if ready in line:
+                self.ready.set()
+
+    def output(self):
+        return "".join(self.lines)
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+class Processor:
+    """bench/processor.py on a free port."""
+
+    def __init__(self, fee, *extra):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = Process([PYTHON, str(ROOT / "bench" / "processor.py"), "--port", str(self.port),
+                                "--fee", fee, "--token", TOKEN, *extra], "listening")
+
+    def admin(self, method, path, body=None):
+        return call(self.port, method, path, body, {"X-Rinha-Token": TOKEN})
+
+    def configure(self, delay=None, failure=None):
+        if delay is not None:
+            assert self.admin("PUT", "/admin/configurations/delay", {"delay": delay})[0] == 200
+        if failure is not None:
+            assert self.admin("PUT", "/admin/configurations/failure", {"failure": failure})[0] == 200
+
+    def reset(self):
+        self.configure(delay=0, failure=False)
+        assert self.admin("POST", "/admin/purge-payments")[0] == 200
+
+    def summary(self, query=""):
+        status, _, body = self.admin("GET", "/admin/payments-summary" + query)
+        assert status == 200
+        return json.loads(body)
+
+    def stored(self, cid):
+        return call(self.port, "GET", f"/payments/{cid}")[0] == 200
+
+
+class Instance:
+    """rinha.py on a free port (and optionally a unix socket), journal in a temp dir."""
+
+    def __init__(self, tmp, name="api1", default=None, fallback=None, port=None, **env):
+        self.port = port or free_port()
+        self.name = name
+        self.journal = str(tmp / f"{name}.journal")
+        self.env = {"LISTEN": f"127.0.0.1:{self.port}", "INSTANCE_ID": name, "JOURNAL_PATH": self.journal,
+                    "DEFAULT_PROCESSOR_URL": default.url if default else "http://127.0.0.1:9",
+                    "FALLBACK_PROCESSOR_URL": fallback.url if fallback else "http://127.0.0.1:9",
+                    "HEALTH_INTERVAL_S": "0", "SHUTDOWN_GRACE_S": "3",
+                    **{key: str(value) for key, value in env.items()}}
+        self.start()
+
+    def start(self):
+        self.process = Process([PYTHON, str(ROOT / "rinha.py")], "listening on", self.env)
+
+    def health(self):
+        return json.loads(call(self.port, "GET", "/health")[2])
+
+    def summary(self, query=""):
+        status, _, body = call(self.port, "GET", "/payments-summary" + query)
+        assert status == 200, body
+        return json.loads(body)
+
+    def pay(self, cid=None, amount=19.90):
+        cid = cid or str(uuid.uuid4())
+        return call(self.port, "POST", "/payments", {"correlationId": cid, "amount": amount})[0], cid
+
+
+def call(port, method, path, body=None, headers=None, timeout=10):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        connection.request(method, path, body=data, headers=headers or {})
+        answer = connection.getresponse()
+        return answer.status, dict(answer.getheaders()), answer.read()
+    finally:
+        connection.close()
+
+
+def raw(port, data, wait=1.0):
+    """Send bytes, read until the server closes or goes quiet for `wait` seconds."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def wait_until(predicate, timeout=15.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def drained(instance):
+    health = instance.health()
+    return health["queue"] == 0 and health["in_flight"] == 0
+
+
+def assert_ledger_matches(instance, default, fallback, query=""):
+    """The backend's summary equals what the processors recorded, to the cent."""
+    mine = instance.summary(query)
+    for name, processor in (("default", default), ("fallback", fallback)):
+        theirs = processor.summary(query)
+        assert mine[name]["totalRequests"] == theirs["totalRequests"], (name, mine, theirs)
+        assert Decimal(str(mine[name]["totalAmount"])) == Decimal(str(theirs["totalAmount"])), (name, mine, theirs)
+    return mine
+
+
+@pytest.fixture(scope="module")
+def processors():
+    default, fallback = Processor("0.05"), Processor("0.15")
+    yield default, fallback
+    default.process.stop()
+    fallback.process.stop()
+
+
+@pytest.fixture
+def fresh(processors):
+    for processor in processors:
+        processor.reset()
+    return processors
+
+
+@pytest.fixture(scope="module")
+def front(processors, tmp_path_factory):
+    """One instance for the HTTP-front tests, with short read and idle timeouts."""
+    instance = Instance(tmp_path_factory.mktemp("front"), "front", *processors,
+                        READ_TIMEOUT_S=1, IDLE_TIMEOUT_S=3)
+    yield instance
+    instance.process.stop()
+
+
+# ---------------------------------------------------------------------------
+# Wire formats
+# ---------------------------------------------------------------------------
+
+def test_iso_ms_formats_like_javascript_toisostring():
+    assert rinha.iso_ms(0) == b"1970-01-01T00:00:00.000Z"
+    assert rinha.iso_ms(1752150896789) == b"2025-07-10T12:34:56.789Z"
+    assert rinha.iso_ms(1752150897001) == b"2025-07-10T12:34:57.001Z"
+
+
+@given(st.integers(min_value=0, max_value=4102444800000))
+def test_iso_ms_round_trips_through_the_summary_parser(ms):
+    text = rinha.iso_ms(ms).decode()
+    assert rinha.parse_iso_ms(text, True) == ms == rinha.parse_iso_ms(text, False)
+
+
+def test_parse_iso_ms_accepts_offsets_seconds_and_naive_utc():
+    base = rinha.parse_iso_ms("2020-07-10T12:34:56.000Z", False)
+    assert rinha.parse_iso_ms("2020-07-10T12:34:56Z", False) == base
+    assert rinha.parse_iso_ms("2020-07-10T12:34:56", False) == base
+    assert rinha.parse_iso_ms("2020-07-10T15:34:56+03:00", False) == base
+
+
+def test_parse_iso_ms_rounds_sub_millisecond_bounds_inward():
+    assert rinha.parse_iso_ms("1970-01-01T00:00:00.0015Z", True) == 2
+    assert rinha.parse_iso_ms("1970-01-01T00:00:00.0015Z", False) == 1
+
+
+@pytest.mark.parametrize("amount, cents", [(19.90, 1990), (19.9, 1990), (1, 100), (0.125, 12), (0.135, 14),
+                                           (2.675, 268), (1.005, 100), (1e-3, 0), (123456.789, 12345679)])
+def test_amount_to_cents_rounds_half_to_even_like_the_processor(amount, cents):
+    assert rinha.amount_to_cents(amount) == cents
+
+
+@given(st.floats(min_value=0, max_value=1e12, allow_nan=False))
+def test_amount_to_cents_equals_decimal_rounding_of_the_number_as_written(amount):
+    expected = int(Decimal(repr(amount)).quantize(Decimal("0.01"), ROUND_HALF_EVEN) * 100)
+    assert rinha.amount_to_cents(amount) == expected
+
+
+@pytest.mark.parametrize("value", [True, "19.90", None, [1], float("nan"), float("inf")])
+def test_amount_to_cents_refuses_what_is_not_a_finite_number(value):
+    assert rinha.amount_to_cents(value) is None
+
+
+@given(st.integers(min_value=-10**15, max_value=10**15))
+def test_cents_text_is_the_exact_two_decimal_json_number(cents):
+    text = rinha.cents_text(cents)
+    assert Decimal(text.decode()) * 100 == cents and text.split(b".")[1].__len__() == 2
+
+
+# ---------------------------------------------------------------------------
+# HTTP parsing (pure functions)
+# ---------------------------------------------------------------------------
+
+def test_parse_head_reads_method_path_query_length_and_token():
+    request = rinha.parse_head(b"POST /purge-payments?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n"
+                               b"X-Rinha-Token: abc")
+    assert (request.method, request.path, request.query, request.length, request.token, request.keep_alive) == \
+        (b"POST", b"/purge-payments", b"x=1", 12, b"abc", True)
+
+
+@pytest.mark.parametrize("head, error", [
+    (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked", rinha.MalformedRequest),
+    (b"POST /payments HTTP/1.1\r\nTransfer-Encoding: chunked", rinha.TransferEncodingNotSupported),
+    (b"POST /payments HTTP/1.1\r\nHost: a", rinha.LengthRequired),
+    (b"POST /payments HTTP/1.1\r\nContent-Length: 99999999", rinha.BodyTooLarge),
+    (b"POST /payments HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2", rinha.MalformedRequest),
+    (b"POST /payments HTTP/1.1\r\nContent-Length: -1", rinha.MalformedRequest),
+    (b"POST /payments HTTP/1.1\r\nContent-Length : 1", rinha.MalformedRequest),
+    (b"POST /payments HTTP/1.1\r\n Content-Length: 1", rinha.MalformedRequest),
+    (b"POST /payments HTTP/1.1\r\nX: a\nContent-Length: 1", rinha.MalformedRequest),
+    (b"GET / HTTP/2.0", rinha.VersionNotSupported),
+    (b"GET /", rinha.MalformedRequest),
+    (b"GET http://x/ HTTP/1.1", rinha.MalformedRequest),
+    (b"GET / HTTP/1.1\r\nno-colon", rinha.MalformedRequest),
+])
+def test_parse_head_names_each_framing_error(head, error):
+    with pytest.raises(error):
+        rinha.parse_head(head)
+
+
+@given(st.binary(max_size=300))
+def test_parse_head_raises_only_named_http_errors_on_random_bytes(data):
+    try:
+        rinha.parse_head(data)
+    except rinha.HttpError:
+        pass
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"not json", None), (b"[1]", None),
+    (b'{"amount": 1}', "correlationId"),
+    (b'{"correlationId": "nope", "amount": 1}', "correlationId"),
+    (b'{"correlationId": 5, "amount": 1}', "correlationId"),
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3"}', "amount"),
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": "1"}', "amount"),
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 0}', "amount"),
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": -5}', "amount"),
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 0.001}', "amount"),
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 1e400}', None),  # orjson refuses numbers past float range
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": true}', "amount"),
+    (b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 1000000000.01}', "amount"),
+])
+def test_parse_payment_names_the_invalid_field(body, field):
+    with pytest.raises(rinha.InvalidPayment) as caught:
+        rinha.parse_payment(body)
+    assert caught.value.field == field
+
+
+def test_parse_payment_ignores_unknown_fields_and_normalises_cents():
+    body = b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 19.905, "note": 1}'
+    assert rinha.parse_payment(body) == (b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", 1990)
+
+
+def test_parse_window_is_open_without_bounds_and_400_on_garbage():
+    assert rinha.parse_window(b"") == (-(1 << 62), 1 << 62)
+    low, high = rinha.parse_window(b"from=2020-07-10T12:34:56.000Z&to=2020-07-10T12:35:56.000Z")
+    assert high - low == 60_000
+    assert rinha.parse_window(b"from=2020-07-10T15:34:56%2B03:00")[0] == low
+    assert rinha.parse_window(b"from=2020-07-10T15:34:56+03:00")[0] == low
+    with pytest.raises(rinha.InvalidQuery):
+        rinha.parse_window(b"from=yesterday")
+
+
+# ---------------------------------------------------------------------------
+# HTTP over real sockets: keep-alive, pipelining, limits, timeouts
+# ---------------------------------------------------------------------------
+
+PAYMENT = b'{"correlationId":"%s","amount":19.90}'
+
+
+def post(cid=None, extra=b""):
+    body = PAYMENT % (cid or str(uuid.uuid4())).encode()
+    return b"POST /payments HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+
+
+def test_pipelined_requests_are_answered_in_order(front):
+    data = post() + b"GET /nope HTTP/1.1\r\n\r\n" + post() + b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"
+    answer = raw(front.port, data)
+    statuses = [line.split(b" ")[1] for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert statuses == [b"202", b"404", b"202", b"200"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30))
+def test_requests_split_across_many_reads_are_reassembled(front, cuts):
+    data = post() + post() + b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", front.port), timeout=3) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        at = 0
+        for cut in cuts:
+            sock.sendall(data[at:at + cut])
+            at += cut
+            time.sleep(0.001)
+        sock.sendall(data[at:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 202 Accepted") == 2 and answer.count(b"HTTP/1.1 200 OK") == 1
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GET /payments-summary HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+    (b"POST /payments HTTP/1.1\r\nContent-Length: 20000\r\n\r\n", b"413"),
+    (b"POST /payments HTTP/1.1\r\nHost: a\r\n\r\n", b"411"),
+    (b"POST /payments HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"501"),
+    (b"POST /payments HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", b"400"),
+    (b"GET / HTTP/3\r\n\r\n", b"505"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400"),
+])
+def test_framing_errors_get_their_status_and_close_the_connection(front, data, status):
+    answer = raw(front.port, data + post())  # the request after the error must not be read
+    assert answer.startswith(b"HTTP/1.1 " + status)
+    assert b"Connection: close" in answer and answer.count(b"HTTP/1.1") == 1
+
+
+def test_a_bad_payment_gets_400_naming_the_field_and_keeps_the_connection(front):
+    bad = b'{"correlationId":"x","amount":1}'
+    data = b"POST /payments HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(bad), bad) + post(extra=b"Connection: close\r\n")
+    answer = raw(front.port, data)
+    assert answer.startswith(b"HTTP/1.1 400") and b'"field":"correlationId"' in answer
+    assert answer.count(b"HTTP/1.1 202") == 1
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(front):
+    assert call(front.port, "GET", "/nothing")[0] == 404
+    status, headers, _ = call(front.port, "GET", "/payments")
+    assert status == 405 and headers["Allow"] == "POST"
+    status, headers, _ = call(front.port, "POST", "/payments-summary", b"")
+    assert status == 405 and headers["Allow"] == "GET"
+
+
+def test_http_1_0_and_connection_close_get_their_answer_then_a_close(front):
+    for request in (b"GET /health HTTP/1.0\r\n\r\n", b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"):
+        answer = raw(front.port, request + b"GET /health HTTP/1.1\r\n\r\n", wait=2)
+        assert answer.count(b"HTTP/1.1 200") == 1 and b"Connection: close" in answer
+
+
+def test_a_request_not_finished_within_the_read_timeout_gets_408(front):
+    started = time.monotonic()
+    answer = raw(front.port, b"POST /payments HTTP/1.1\r\nContent-Length: 50\r\n\r\n{", wait=5)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 4
+
+
+def test_idle_keep_alive_connections_are_closed_after_the_idle_timeout(front):
+    with socket.create_connection(("127.0.0.1", front.port), timeout=8) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the server
+        assert 2 < time.monotonic() - started < 7
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(min_size=1, max_size=2000))
+def test_random_bytes_never_stall_or_kill_the_server(front, data):
+    raw(front.port, data + b"\r\n\r\n", wait=0.2)
+    assert call(front.port, "GET", "/health", timeout=3)[0] == 200
+
+
+def test_hundreds_of_idle_and_slow_clients_do_not_delay_a_normal_client(front):
+    idle = [socket.create_connection(("127.0.0.1", front.port)) for _ in range(300)]
+    slow = [socket.create_connection(("127.0.0.1", front.port)) for _ in range(100)]
+    try:
+        for sock in slow:
+            sock.sendall(b"POST /payments HTTP/1.1\r\n")
+        slowest = 0.0
+        for _ in range(40):
+            for sock in slow:
+                sock.sendall(b"X")  # a header trickling in byte by byte
+            started = time.monotonic()
+            assert front.pay()[0] == 202
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.5, slowest
+        time.sleep(1.5)  # past READ_TIMEOUT_S: every slow client has been answered 408 and closed
+        slow[0].settimeout(2)
+        assert slow[0].recv(65536).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in idle + slow:
+            sock.close()
+
+
+def test_connections_beyond_the_maximum_get_503_and_close(processors, tmp_path):
+    instance = Instance(tmp_path, "capped", *processors, MAX_CONNECTIONS=10)
+    held = [socket.create_connection(("127.0.0.1", instance.port)) for _ in range(10)]
+    try:
+        time.sleep(0.2)
+        assert raw(instance.port, b"GET /health HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503")
+    finally:
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        assert call(instance.port, "GET", "/health")[0] == 200
+        instance.process.stop()
+
+
+# ---------------------------------------------------------------------------
+# Ledger and journal
+# ---------------------------------------------------------------------------
+
+@given(st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(0, 10_000), st.integers(1, 10**6)), max_size=200),
+       st.integers(-10, 10_010), st.integers(-10, 10_010))
+def test_ledger_window_equals_a_brute_force_sum_with_inclusive_bounds(payments, low, high):
+    ledger = rinha.Ledger()
+    for processor, ms, cents in payments:
+        ledger.record(processor, ms, cents)
+    for processor in (0, 1):
+        chosen = [cents for p, ms, cents in payments if p == processor and low <= ms <= high]
+        assert ledger.window(processor, low, high) == (len(chosen), sum(chosen))
+
+
+def test_ledger_keeps_no_objects_for_the_garbage_collector():
+    ledger = rinha.Ledger()
+    for i in range(1000):
+        ledger.record(i % 2, 1_700_000_000_000 + i, 1990)
+    assert all(type(column) is array.array for column in ledger.times + ledger.prefix)
+
+
+def test_journal_replay_rebuilds_ledger_pending_pins_and_honours_purge(tmp_path):
+    path = tmp_path / "j"
+    path.write_bytes(b"L 0 100 500\nP\n"
+                     b"A aaa 1990 1\nS aaa 0 10\nC aaa 0 10 1990\n"
+                     b"A bbb 500 2\nS bbb 1 20\n"
+                     b"A ccc 700 3\nS ccc 0 30\nU ccc\n"
+                     b"A ddd 1 4\nX ddd\ngarbage line\nC\n")
+    ledger = rinha.Ledger()
+    journal = rinha.Journal(str(path))
+    pending = journal.replay(ledger)
+    assert ledger.window(0, 0, 10**6) == (1, 1990)
+    assert pending == {b"bbb": [500, 2, (1, 20)], b"ccc": [700, 3, None]}
+    journal.open_compacted(ledger, pending)
+    again = rinha.Ledger()
+    assert rinha.Journal(str(path)).replay(again) == pending
+    assert again.window(0, 0, 10**6) == (1, 1990)
+
+
+# ---------------------------------------------------------------------------
+# Queue
+# ---------------------------------------------------------------------------
+
+def test_queue_is_fifo_across_wraparound_and_give_back_keeps_the_front():
+    queue = rinha.PaymentQueue(3)
+    for i in range(7):
+        queue.push(i)
+        assert queue.take() == i
+        queue.settle()
+    queue.push("a")
+    queue.push("b")
+    first = queue.take()
+    queue.give_back(first)
+    assert [queue.take(), queue.take(), queue.take()] == ["a", "b", None]
+
+
+def test_queue_capacity_counts_payments_out_with_workers():
+    queue = rinha.PaymentQueue(2)
+    queue.push(1)
+    queue.push(2)
+    queue.take()
+    assert queue.full()
+    queue.settle()
+    assert not queue.full()
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_journals_nothing(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(failure=True)
+    fallback.configure(failure=True)
+    instance = Instance(tmp_path, "small", default, fallback, QUEUE_CAPACITY=3)
+    try:
+        assert [instance.pay()[0] for _ in range(3)] == [202, 202, 202]
+        status, headers, body = call(instance.port, "POST", "/payments",
+                                     {"correlationId": str(uuid.uuid4()), "amount": 1})
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert Path(instance.journal).read_bytes().count(b"\nA ") + \
+            Path(instance.journal).read_bytes().startswith(b"A ") == 3
+    finally:
+        instance.process.stop()
+
+
+# ---------------------------------------------------------------------------
+# Processor client
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, expected", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", (200, b"ok", True)),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3;x=y\r\n!!!\r\n0\r\n\r\n", (200, b"ok!!!", True)),
+    (b"HTTP/1.1 500 Oops\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", (500, b"", False)),
+    (b"HTTP/1.0 204 No Content\r\n\r\n", (204, b"", False)),
+])
+def test_parse_response_reads_length_chunked_and_connection(data, expected):
+    for cut in range(len(data)):  # incomplete prefixes ask for more
+        assert rinha.parse_response(bytearray(data[:cut])) is None
+    status, body, keep, consumed = rinha.parse_response(bytearray(data))
+    assert (status, body, keep) == expected and consumed == len(data)
+
+
+def test_upstream_pool_reuses_keep_alive_connections_against_the_emulator(fresh):
+    default, _ = fresh
+
+    async def scenario():
+        upstream = rinha.Upstream("default", default.url)
+        for _ in range(5):
+            status, body = await upstream.request(b"GET", b"/payments/service-health")
+            assert status == 200 and b"failing" in body
+        assert len(upstream.idle) == 1
+        with pytest.raises(rinha.UpstreamError):
+            await rinha.Upstream("nowhere", "http://127.0.0.1:9").request(b"GET", b"/")
+        upstream.close()
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------
+# Router and breaker
+# ---------------------------------------------------------------------------
+
+def test_breaker_opens_after_consecutive_failures_and_lets_one_probe_through():
+    breaker = rinha.Breaker()
+    for _ in range(rinha.BREAKER_FAILURES):
+        assert breaker.allows(0.0)
+        breaker.failed_once(0.0)
+    assert breaker.state == rinha.OPEN and not breaker.allows(0.0)
+    later = rinha.BREAKER_RETRY_S + 0.01
+    assert breaker.allows(later) and breaker.state == rinha.HALF_OPEN
+    assert not breaker.allows(later)  # one probe at a time
+    breaker.failed_once(later)
+    assert breaker.state == rinha.OPEN
+    assert breaker.allows(later * 3)
+    breaker.succeeded()
+    assert breaker.state == rinha.CLOSED and breaker.allows(later * 3)
+
+
+def test_health_reports_open_a_closed_breaker_and_hasten_a_probe():
+    breaker = rinha.Breaker()
+    breaker.observe_health(True, 10.0)
+    assert breaker.state == rinha.OPEN and not breaker.allows(10.0)
+    breaker.observe_health(False, 10.0)
+    assert breaker.allows(10.0)
+
+
+def test_router_holds_payments_while_default_is_down_until_the_hold_time():
+    pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
+    default = pipeline.breakers[rinha.DEFAULT]
+    default.state, default.retry_at = rinha.OPEN, 100.0
+    fresh_payment = (b"id", 100, rinha.now_ms())
+    old_payment = (b"id", 100, rinha.now_ms() - int(rinha.FALLBACK_HOLD_S * 1000) - 1)
+    assert pipeline.choose(fresh_payment, 1.0) is None
+    assert pipeline.choose(old_payment, 1.0) == rinha.FALLBACK
+    pipeline.pins[b"id"] = (rinha.DEFAULT, 5)  # may have landed on default: never elsewhere
+    assert pipeline.choose(old_payment, 1.0) is None
+    assert pipeline.choose(old_payment, 100.0) == rinha.DEFAULT
+
+
+# ---------------------------------------------------------------------------
+# The pipeline against the processor emulator
+# ---------------------------------------------------------------------------
+
+def pay_many(instance, count, threads=8):
+    """POST `count` payments concurrently; return the ids that got a 2xx."""
+    accepted, lock = [], threading.Lock()
+
+    def run(n):
+        for _ in range(n):
+            try:
+                status, cid = instance.pay(amount=round(1 + len(accepted) % 97 * 0.37, 2))
+            except OSError:
+                continue
+            if 200 <= status < 300:
+                with lock:
+                    accepted.append(cid)
+    workers = [threading.Thread(target=run, args=(count // threads,)) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return accepted
+
+
+def test_payments_go_to_the_default_and_the_summary_matches_it_to_the_cent(fresh, tmp_path):
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback)
+    try:
+        accepted = pay_many(instance, 400)
+        assert len(accepted) == 400
+        assert wait_until(lambda: drained(instance))
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] == 400 and mine["fallback"]["totalRequests"] == 0
+        now = time.time()
+        window = f"?from={time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now - 60))}.000Z" \
+                 f"&to={time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now + 1))}.000Z"
+        assert_ledger_matches(instance, default, fallback, window)
+    finally:
+        instance.process.stop()
+
+
+def test_a_slow_default_is_waited_for_not_replaced_by_the_fallback(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(delay=300)
+    instance = Instance(tmp_path, "api1", default, fallback)
+    try:
+        assert len(pay_many(instance, 100)) == 100
+        assert wait_until(lambda: drained(instance))
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] == 100 and mine["fallback"]["totalRequests"] == 0
+    finally:
+        instance.process.stop()
+
+
+def test_a_failing_default_is_waited_for_within_the_hold_time_then_drained(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(failure=True)
+    instance = Instance(tmp_path, "api1", default, fallback)
+    try:
+        assert len(pay_many(instance, 100)) == 100
+        time.sleep(1.0)
+        assert instance.health()["queue"] + instance.health()["in_flight"] == 100
+        assert instance.health()["default"]["breaker"] != rinha.CLOSED
+        default.configure(failure=False)
+        assert wait_until(lambda: drained(instance), timeout=10)
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] == 100 and mine["fallback"]["totalRequests"] == 0
+    finally:
+        instance.process.stop()
+
+
+def test_payments_held_longer_than_the_hold_time_go_to_the_fallback(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(failure=True)
+    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_HOLD_S=1)
+    try:
+        assert len(pay_many(instance, 50)) == 50
+        assert wait_until(lambda: drained(instance), timeout=10)
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["fallback"]["totalRequests"] == 50
+    finally:
+        instance.process.stop()
+
+
+def test_both_processors_down_holds_everything_and_loses_nothing(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(failure=True)
+    fallback.configure(failure=True)
+    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_HOLD_S=0.5)
+    try:
+        accepted = pay_many(instance, 80)
+        time.sleep(1.5)
+        assert instance.summary()["default"]["totalRequests"] == 0
+        fallback.configure(failure=False)
+        default.configure(failure=False)
+        assert wait_until(lambda: drained(instance), timeout=10)
+        assert_ledger_matches(instance, default, fallback)
+        assert all(default.stored(cid) or fallback.stored(cid) for cid in accepted)
+    finally:
+        instance.process.stop()
+
+
+def test_a_timed_out_attempt_is_retried_on_the_same_processor_and_counted_once(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(delay=800)
+    instance = Instance(tmp_path, "api1", default, fallback, PROCESSOR_TIMEOUT_S=0.3, FALLBACK_HOLD_S=0.5)
+    try:
+        accepted = pay_many(instance, 20, threads=4)
+        assert wait_until(lambda: instance.health()["pinned"] > 0, timeout=5)
+        time.sleep(1.0)  # longer than the hold time: still nothing may go to the fallback
+        default.configure(delay=0)
+        assert wait_until(lambda: drained(instance), timeout=15)
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] == 20 and mine["fallback"]["totalRequests"] == 0
+        assert all(default.stored(cid) for cid in accepted)
+    finally:
+        instance.process.stop()
+
+
+def test_a_duplicate_correlation_id_is_forwarded_once_and_counted_once(fresh, tmp_path):
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback)
+    try:
+        cid = str(uuid.uuid4())
+        assert instance.pay(cid)[0] == 202
+        assert wait_until(lambda: drained(instance))
+        assert instance.pay(cid)[0] == 202  # accepted, then the processor's 422 settles it
+        assert wait_until(lambda: drained(instance) and instance.health()["duplicates"] == 1)
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] == 1
+    finally:
+        instance.process.stop()
+
+
+class ScriptedProcessor:
+    """A fake processor for what the emulator cannot do on demand: per attempt it answers
+    429, or stores the payment and drops the connection, or drops it without storing."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.stored = {}
+        self.attempts = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(connection,), daemon=True).start()
+
+    def serve(self, connection):
+        buffer = b""
+        with connection:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(buffer) < length:
+                    buffer += connection.recv(65536)
+                body, buffer = buffer[:length], buffer[length:]
+                payment = json.loads(body)
+                self.attempts += 1
+                action = self.script.pop(0) if self.script else "ok"
+                if action == "429":
+                    connection.sendall(b"HTTP/1.1 429 Too Many\r\nContent-Length: 0\r\n\r\n")
+                    continue
+                if action == "drop":
+                    return
+                cid = payment["correlationId"]
+                if cid in self.stored:
+                    connection.sendall(b"HTTP/1.1 422 Duplicate\r\nContent-Length: 0\r\n\r\n")
+                    continue
+                self.stored[cid] = payment
+                if action == "store-and-drop":
+                    return
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+
+def test_429s_and_dropped_connections_before_or_after_storing_count_each_payment_once(fresh, tmp_path):
+    _, fallback = fresh
+    scripted = ScriptedProcessor(["429", "drop", "store-and-drop", "429", "store-and-drop", "drop"])
+    instance = Instance(tmp_path, "api1", scripted, fallback, WORKERS=1, BREAKER_RETRY_S=0.05)
+    try:
+        cids = [instance.pay()[1] for _ in range(4)]
+        assert wait_until(lambda: drained(instance), timeout=10)
+        assert sorted(scripted.stored) == sorted(cids)
+        mine = instance.summary()
+        assert mine["default"]["totalRequests"] == 4 and mine["fallback"]["totalRequests"] == 0
+        recorded = {p["requestedAt"] for p in scripted.stored.values()}
+        assert len(recorded) == 4  # each stored with the requestedAt the ledger holds
+        assert scripted.attempts >= 10
+    finally:
+        instance.process.stop()
+
+
+def test_sigkill_under_load_then_restart_loses_and_duplicates_nothing(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(delay=40)
+    instance = Instance(tmp_path, "api1", default, fallback)
+    accepted = []
+    sender = threading.Thread(target=lambda: accepted.extend(pay_many(instance, 400)))
+    sender.start()
+    time.sleep(0.6)
+    instance.process.stop(signal.SIGKILL)
+    sender.join()
+    assert 0 < len(accepted) < 400
+    instance.start()
+    try:
+        default.configure(delay=0)
+        assert wait_until(lambda: drained(instance), timeout=15)
+        assert_ledger_matches(instance, default, fallback)
+        assert all(default.stored(cid) for cid in accepted)
+    finally:
+        instance.process.stop()
+
+
+def test_sigterm_drains_what_it_can_and_journals_the_rest_for_the_next_start(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(failure=True)
+    fallback.configure(failure=True)
+    instance = Instance(tmp_path, "api1", default, fallback, SHUTDOWN_GRACE_S=1)
+    accepted = pay_many(instance, 40)
+    started = time.monotonic()
+    assert instance.process.stop() == 0
+    assert time.monotonic() - started < 5
+    assert "40 payments left in the journal" in instance.process.output()
+    default.configure(failure=False)
+    fallback.configure(failure=False)
+    instance.start()
+    try:
+        assert wait_until(lambda: drained(instance), timeout=10)
+        assert_ledger_matches(instance, default, fallback)
+        assert all(default.stored(cid) for cid in accepted)
+    finally:
+        instance.process.stop()
+
+
+# ---------------------------------------------------------------------------
+# Cross-instance summary and purge
+# ---------------------------------------------------------------------------
+
+def test_every_instance_answers_for_the_whole_backend_and_fails_loudly_without_a_peer(fresh, tmp_path):
+    default, fallback = fresh
+    ports = [free_port() for _ in range(3)]
+    instances = []
+    try:
+        for i, port in enumerate(ports):
+            peers = ",".join(f"http://127.0.0.1:{p}" for p in ports if p != port)
+            instances.append(Instance(tmp_path, f"api{i}", default, fallback, port=port, PEERS=peers,
+                                      PURGE_TOKEN="secret"))
+        for instance in instances:
+            pay_many(instance, 30, threads=3)
+        assert all(wait_until(lambda: drained(instance)) for instance in instances)
+        for instance in instances:
+            mine = assert_ledger_matches(instance, default, fallback)
+            assert mine["default"]["totalRequests"] == 90
+        instances[2].process.stop()
+        status, _, body = call(instances[0].port, "GET", "/payments-summary")
+        assert status == 502 and b"unavailable" in body
+    finally:
+        for instance in instances:
+            instance.process.stop()
+
+
+def test_purge_needs_the_token_and_empties_every_instance(fresh, tmp_path):
+    default, fallback = fresh
+    ports = [free_port(), free_port()]
+    instances = [Instance(tmp_path, f"api{i}", default, fallback, port=port, PURGE_TOKEN="secret",
+                          PEERS=f"http://127.0.0.1:{ports[1 - i]}") for i, port in enumerate(ports)]
+    try:
+        for instance in instances:
+            pay_many(instance, 10, threads=2)
+        assert all(wait_until(lambda: drained(instance)) for instance in instances)
+        assert call(ports[0], "POST", "/purge-payments", b"")[0] == 403
+        assert call(ports[0], "POST", "/purge-payments", b"", {"X-Rinha-Token": "wrong"})[0] == 403
+        assert instances[1].summary()["default"]["totalRequests"] == 20
+        assert call(ports[0], "POST", "/purge-payments", b"", {"X-Rinha-Token": "secret"})[0] == 200
+        assert instances[1].summary()["default"]["totalRequests"] == 0
+        instances[1].process.stop()
+        instances[1].start()  # the purge is journaled too
+        assert instances[1].summary()["default"]["totalRequests"] == 0
+    finally:
+        for instance in instances:
+            instance.process.stop()
+
+
+def test_purge_is_disabled_without_a_configured_token(front):
+    status, _, body = call(front.port, "POST", "/purge-payments", b"", {"X-Rinha-Token": ""})
+    assert status == 403 and b"disabled" in body
+
+
+def test_health_reports_live_statistics(front):
+    health = front.health()
+    for key in ("queue", "in_flight", "pinned", "journal_bytes", "uptime_s", "gc"):
+        assert key in health
+    for name in ("default", "fallback"):
+        assert {"confirmed", "failed_attempts", "breaker"} <= set(health[name])
