@@ -627,7 +627,17 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def kill_leftovers(self):
+        """SIGKILL what is left of a previous run's process group (e.g. the workers
+        of an nginx master that was killed): the group is the one started here."""
+        if self.proc is not None and self.proc.poll() is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def start(self):
+        self.kill_leftovers()
         if self.before_start:
             self.before_start()
         self.proc = subprocess.Popen(
@@ -750,6 +760,7 @@ class Arena:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._abort = threading.Event()
+        self._finished = threading.Event()
         self._supervisor = None
         self._started = False
         self._knobs = compose_knobs()
@@ -994,6 +1005,14 @@ class Arena:
         return status == 200
 
     def _supervise(self):
+        # Children restarted here get PR_SET_PDEATHSIG tied to this thread: it
+        # lives until stop() has stopped them all.
+        try:
+            self._supervise_loop()
+        finally:
+            self._finished.wait()
+
+    def _supervise_loop(self):
         while not self._stopping.wait(0.1):
             with self._lock:
                 for child in list(self.children.values()):
@@ -1020,9 +1039,18 @@ class Arena:
                             self.log(f"{child.name} could not be restarted: {exc}")
                             child.started_at = now
 
+    def _answers(self, child) -> bool:
+        if child.kind == "instance":
+            return self._instance_answers(child.name)
+        if child.kind == "lb":
+            return self._lb_ready()
+        port = self.default_port if child.name == "processor-default" else self.fallback_port
+        return _tcp_open("127.0.0.1", port)
+
     def kill_instance(self, name, wait=True, timeout=30.0):
-        """SIGKILL an instance (the supervisor restarts it); with wait, return once
-        the new process answers on its socket. Returns the new pid (or None)."""
+        """SIGKILL a child (an instance, or also "load-balancer", "processor-default",
+        "processor-fallback"); the supervisor restarts it. With wait, return once the
+        new process answers. Returns the new pid (or None without wait)."""
         child = self.children[name]
         old_pid = child.pid
         before = child.restarts
@@ -1033,7 +1061,7 @@ class Arena:
         while time.monotonic() < deadline:
             if child.restarts > before and child.alive() and child.pid != old_pid:
                 try:
-                    if self._instance_answers(name):
+                    if self._answers(child):
                         return child.pid
                 except (OSError, http.client.HTTPException):
                     pass
@@ -1046,9 +1074,7 @@ class Arena:
             return
         self._stopping.set()
         self._abort.set()
-        if self._supervisor:
-            self._supervisor.join(2.0)
-        with self._lock:
+        with self._lock:  # waits for a restart in progress
             children = dict(self.children)
         grace = float(self.base_env.get("SHUTDOWN_GRACE_S") or 5.0) + 5.0
         instances = [c for c in children.values() if c.kind == "instance"]
@@ -1063,9 +1089,13 @@ class Arena:
                     c.signal(signal.SIGKILL)
                     c.wait(5.0)
         for c in children.values():
+            c.kill_leftovers()
             c.join_output(2.0)
             if c.proc and c.proc.returncode not in (0, None, -signal.SIGTERM):
                 self.log(f"{c.name} exited with code {c.proc.returncode}")
+        self._finished.set()
+        if self._supervisor:
+            self._supervisor.join(2.0)
         if self.cgroups:
             if not self.cgroups.remove():
                 self.log(f"warning: could not remove cgroup {self.cgroup_name}")

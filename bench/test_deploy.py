@@ -557,6 +557,18 @@ def test_arena_restarts_killed_instance(haproxy_arena):
         _summary(a)
 
 
+@pytest.mark.xfail(strict=False, reason="rinha.py reuses a peer connection lost while idle (502 'handler is closed') "
+                   "after the peer restarts; remove this marker once fixed")
+def test_summary_through_both_instances_after_peer_restart(haproxy_arena):
+    a = haproxy_arena
+    for _ in range(4):  # round robin: both instances open their peer connections
+        _summary(a)
+    a.kill_instance("api2", wait=True, timeout=30)
+    time.sleep(0.3)
+    for _ in range(4):
+        _summary(a)
+
+
 def test_arena_stats_and_cleanup(tmp_path):
     _need_arena_files()
     a = arena.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path / "run",
