@@ -911,7 +911,7 @@ class Pipeline:
         while self.running:
             try:
                 status, body = await upstream.request(b"GET", b"/payments/service-health", timeout=8.0)
-                if status == 200:
+                if status in (200, 503):  # newer processors answer 503 while failing
                     breaker.observe_health(bool(orjson.loads(body).get("failing")), loop.time())
             except (UpstreamError, orjson.JSONDecodeError, AttributeError) as error:
                 log(f"health of {upstream.name}: {error}")
@@ -1038,8 +1038,11 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         if len(self.server.connections) >= MAX_CONNECTIONS:
+            # Answer, then close once the request is read (closing on unread bytes resets
+            # the connection and the client could lose the answer), or after a second.
+            self.busy = True
             transport.write(Unavailable("too many connections").response(close=True))
-            transport.close()
+            asyncio.get_running_loop().call_later(1.0, transport.close)
             return
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
@@ -1060,6 +1063,8 @@ class HttpConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data):
+        if self not in self.server.connections:  # refused in connection_made
+            return self.transport.close()
         self.buffer += data
         if not self.request_since:
             self.request_since = time.monotonic()

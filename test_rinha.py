@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -347,8 +348,7 @@ def post(cid=None, extra=b""):
 def test_pipelined_requests_are_answered_in_order(front):
     data = post() + b"GET /nope HTTP/1.1\r\n\r\n" + post() + b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"
     answer = raw(front.port, data)
-    statuses = [line.split(b" ")[1] for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
-    assert statuses == [b"202", b"404", b"202", b"200"]
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"202", b"404", b"202", b"200"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -381,7 +381,7 @@ def test_requests_split_across_many_reads_are_reassembled(front, cuts):
 def test_framing_errors_get_their_status_and_close_the_connection(front, data, status):
     answer = raw(front.port, data + post())  # the request after the error must not be read
     assert answer.startswith(b"HTTP/1.1 " + status)
-    assert b"Connection: close" in answer and answer.count(b"HTTP/1.1") == 1
+    assert b"Connection: close" in answer and len(re.findall(rb"HTTP/1\.1 \d{3} ", answer)) == 1
 
 
 def test_a_bad_payment_gets_400_naming_the_field_and_keeps_the_connection(front):
@@ -637,7 +637,8 @@ def pay_many(instance, count, threads=8):
             if 200 <= status < 300:
                 with lock:
                     accepted.append(cid)
-    workers = [threading.Thread(target=run, args=(count // threads,)) for _ in range(threads)]
+    shares = [count // threads + (i < count % threads) for i in range(threads)]
+    workers = [threading.Thread(target=run, args=(share,)) for share in shares]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -723,8 +724,9 @@ def test_both_processors_down_holds_everything_and_loses_nothing(fresh, tmp_path
         instance.process.stop()
 
 
-def test_a_timed_out_attempt_is_retried_on_the_same_processor_and_counted_once(fresh, tmp_path):
-    default, fallback = fresh
+def test_a_timed_out_attempt_is_retried_on_the_same_processor_and_counted_once(tmp_path):
+    # Own processors: abandoned attempts still sleeping in them must not land in other tests.
+    default, fallback = Processor("0.05"), Processor("0.15")
     default.configure(delay=800)
     instance = Instance(tmp_path, "api1", default, fallback, PROCESSOR_TIMEOUT_S=0.3, FALLBACK_HOLD_S=0.5)
     try:
@@ -738,6 +740,8 @@ def test_a_timed_out_attempt_is_retried_on_the_same_processor_and_counted_once(f
         assert all(default.stored(cid) for cid in accepted)
     finally:
         instance.process.stop()
+        default.process.stop()
+        fallback.process.stop()
 
 
 def test_a_duplicate_correlation_id_is_forwarded_once_and_counted_once(fresh, tmp_path):
@@ -817,9 +821,10 @@ def test_429s_and_dropped_connections_before_or_after_storing_count_each_payment
         assert sorted(scripted.stored) == sorted(cids)
         mine = instance.summary()
         assert mine["default"]["totalRequests"] == 4 and mine["fallback"]["totalRequests"] == 0
-        recorded = {p["requestedAt"] for p in scripted.stored.values()}
-        assert len(recorded) == 4  # each stored with the requestedAt the ledger holds
-        assert scripted.attempts >= 10
+        for stamp in {p["requestedAt"] for p in scripted.stored.values()}:  # the same requestedAt
+            same = sum(p["requestedAt"] == stamp for p in scripted.stored.values())
+            assert instance.summary(f"?from={stamp}&to={stamp}")["default"]["totalRequests"] == same
+        assert not scripted.script  # every scripted fault was met
     finally:
         instance.process.stop()
 
@@ -829,12 +834,12 @@ def test_sigkill_under_load_then_restart_loses_and_duplicates_nothing(fresh, tmp
     default.configure(delay=40)
     instance = Instance(tmp_path, "api1", default, fallback)
     accepted = []
-    sender = threading.Thread(target=lambda: accepted.extend(pay_many(instance, 400)))
+    sender = threading.Thread(target=lambda: accepted.extend(pay_many(instance, 3000)))
     sender.start()
-    time.sleep(0.6)
+    time.sleep(0.5)
     instance.process.stop(signal.SIGKILL)
     sender.join()
-    assert 0 < len(accepted) < 400
+    assert 0 < len(accepted) < 3000
     instance.start()
     try:
         default.configure(delay=0)
