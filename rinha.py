@@ -630,6 +630,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport
 
     def send(self, data, timeout):
+        if self.transport.is_closing():
+            raise UpstreamError("connection closed")
         self.waiter = asyncio.get_running_loop().create_future()
         self.timer = asyncio.get_running_loop().call_later(timeout, self.fail, "timeout")
         self.transport.write(data)
@@ -689,12 +691,25 @@ class Upstream:
         return connection
 
     async def request(self, method, path, body=b"", headers=b"", timeout=PROCESSOR_TIMEOUT_S):
-        """(status, body); UpstreamError when no answer came."""
-        connection = self.idle.pop() if self.idle else await self.connect()
+        """(status, body); UpstreamError when no answer came. A GET that fails on a reused
+        connection (the server may have closed it while idle) is tried once more afresh."""
+        connection = None
+        while self.idle and connection is None:
+            connection = self.idle.pop()
+            if not connection.reusable or connection.transport.is_closing():
+                connection = None
+        reused = connection is not None
+        if connection is None:
+            connection = await self.connect()
         data = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
             method, path, self.host_header, headers, len(body), body)
         try:
             answer = await connection.send(data, timeout)
+        except UpstreamError as error:
+            connection.fail("failed")
+            if reused and method == b"GET" and str(error) != "timeout":
+                return await self.request(method, path, body, headers, timeout)
+            raise
         except BaseException:
             connection.fail("abandoned")
             raise
@@ -831,6 +846,10 @@ class Pipeline:
             self.in_flight += 1
             try:
                 settled = await self.forward(payment, processor)
+            except (OSError, RuntimeError, ValueError) as error:  # a bug must not stop delivery
+                log(f"attempt failed unexpectedly, will retry: {error!r}")
+                settled = False
+                await asyncio.sleep(HOLD_POLL_S)
             finally:
                 self.in_flight -= 1
             if settled:

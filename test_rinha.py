@@ -579,6 +579,29 @@ def test_upstream_pool_reuses_keep_alive_connections_against_the_emulator(fresh)
     asyncio.run(scenario())
 
 
+def test_connections_closed_by_a_restarted_processor_are_replaced_not_fatal(tmp_path):
+    default, fallback = Processor("0.05"), Processor("0.15")
+    instance = Instance(tmp_path, "api1", default, fallback)
+    try:
+        assert len(pay_many(instance, 40)) == 40
+        assert wait_until(lambda: drained(instance))
+        default.process.stop()  # every pooled keep-alive connection to it dies while idle
+        restarted = Processor.__new__(Processor)
+        restarted.port, restarted.url = default.port, default.url
+        restarted.process = Process([PYTHON, str(ROOT / "bench" / "processor.py"), "--port", str(default.port),
+                                     "--fee", "0.05", "--token", TOKEN], "listening")
+        default = restarted
+        assert len(pay_many(instance, 40)) == 40
+        assert wait_until(lambda: drained(instance))
+        assert default.summary()["totalRequests"] == 40
+        assert instance.summary()["default"]["totalRequests"] == 80
+        assert instance.summary()["fallback"]["totalRequests"] == 0
+    finally:
+        instance.process.stop()
+        default.process.stop()
+        fallback.process.stop()
+
+
 # ---------------------------------------------------------------------------
 # Router and breaker
 # ---------------------------------------------------------------------------
@@ -893,6 +916,8 @@ def test_every_instance_answers_for_the_whole_backend_and_fails_loudly_without_a
         instances[2].process.stop()
         status, _, body = call(instances[0].port, "GET", "/payments-summary")
         assert status == 502 and b"unavailable" in body
+        instances[2].start()  # the pooled connection to the old process is replaced
+        assert instances[0].summary()["default"]["totalRequests"] == 90
     finally:
         for instance in instances:
             instance.process.stop()
