@@ -877,15 +877,17 @@ class Pipeline:
         except UpstreamError:
             status = UNKNOWN
         loop_now = asyncio.get_running_loop().time()
-        if status == 200 or (status == 422 and pin is not None):
-            # 422 after an attempt that may have landed: it did, with this requestedAt.
+        if status == 422 and pin is not None:
+            # Stored already: by our earlier attempt, unless another request used this id.
+            status = await self.stored_by_us(processor, cid, requested)
+        if status == 200:
             breaker.succeeded()
             self.pins.pop(cid, None)
             self.ledger.record(processor, requested, cents)
             self.journal_quietly(b"C %s %d %d %d\n" % (cid, processor, requested, cents))
             return True
         if status == 422 or 400 <= status < 500 and status != 429:
-            # 422 on a clean first attempt: someone else already sent this id; not ours to count.
+            # 422 on a clean attempt: someone else already sent this id; not ours to count.
             if status == 422:
                 self.duplicates += 1
             else:
@@ -897,6 +899,18 @@ class Pipeline:
         if status == UNKNOWN:
             self.pins[cid] = (processor, requested)
         return False
+
+    async def stored_by_us(self, processor, cid, requested):
+        """After a 422 on a pinned payment: 200 if the processor holds it with our
+        requestedAt (our earlier attempt landed), 422 if with another, UNKNOWN if unsure."""
+        try:
+            status, body = await self.processors[processor].request(b"GET", b"/payments/" + cid)
+            if status != 200:
+                return UNKNOWN
+            stored = parse_iso_ms(orjson.loads(body)["requestedAt"], round_up=False)
+        except (UpstreamError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return UNKNOWN
+        return 200 if stored == requested else 422
 
     def journal_quietly(self, line):
         try:

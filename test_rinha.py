@@ -816,6 +816,12 @@ class ScriptedProcessor:
                 while len(buffer) < length:
                     buffer += connection.recv(65536)
                 body, buffer = buffer[:length], buffer[length:]
+                if head.startswith(b"GET /payments/"):
+                    found = self.stored.get(head.split(b" ")[1][len(b"/payments/"):].decode())
+                    answer = json.dumps(found).encode() if found else b""
+                    connection.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (
+                        b"200 OK" if found else b"404 Not Found", len(answer), answer))
+                    continue
                 payment = json.loads(body)
                 self.attempts += 1
                 action = self.script.pop(0) if self.script else "ok"
@@ -823,6 +829,9 @@ class ScriptedProcessor:
                     connection.sendall(b"HTTP/1.1 429 Too Many\r\nContent-Length: 0\r\n\r\n")
                     continue
                 if action == "drop":
+                    return
+                if action == "drop-then-another-client-stores-it":
+                    self.stored[payment["correlationId"]] = {**payment, "requestedAt": "2000-01-01T00:00:00.000Z"}
                     return
                 cid = payment["correlationId"]
                 if cid in self.stored:
@@ -848,6 +857,18 @@ def test_429s_and_dropped_connections_before_or_after_storing_count_each_payment
             same = sum(p["requestedAt"] == stamp for p in scripted.stored.values())
             assert instance.summary(f"?from={stamp}&to={stamp}")["default"]["totalRequests"] == same
         assert not scripted.script  # every scripted fault was met
+    finally:
+        instance.process.stop()
+
+
+def test_a_pinned_payment_stored_meanwhile_by_another_request_is_not_counted(fresh, tmp_path):
+    _, fallback = fresh
+    scripted = ScriptedProcessor(["drop-then-another-client-stores-it"])
+    instance = Instance(tmp_path, "api1", scripted, fallback, WORKERS=1, BREAKER_RETRY_S=0.05)
+    try:
+        instance.pay()
+        assert wait_until(lambda: drained(instance) and instance.health()["duplicates"] == 1, timeout=10)
+        assert instance.summary()["default"]["totalRequests"] == 0
     finally:
         instance.process.stop()
 
