@@ -20,6 +20,9 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install -q -r requirements-dev.txt
 	@touch $@
 
+# make run and make load share a purge token, so each load starts from an empty ledger.
+run load: export PURGE_TOKEN ?= local-arena
+
 run: $(VENV)/.runtime
 	$(BIN)/python bench/arena.py
 

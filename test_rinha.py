@@ -113,7 +113,7 @@ class Instance:
         self.env = {"LISTEN": f"127.0.0.1:{self.port}", "INSTANCE_ID": name, "JOURNAL_PATH": self.journal,
                     "DEFAULT_PROCESSOR_URL": default.url if default else "http://127.0.0.1:9",
                     "FALLBACK_PROCESSOR_URL": fallback.url if fallback else "http://127.0.0.1:9",
-                    "HEALTH_INTERVAL_S": "0", "SHUTDOWN_GRACE_S": "3",
+                    "HEALTH_INTERVAL_S": "0", "SHUTDOWN_GRACE_S": "3", "PURGE_TOKEN": "",
                     **{key: str(value) for key, value in env.items()}}
         self.start()
 
