@@ -1072,6 +1072,7 @@ class Arena:
         """Stop everything started: instances first (SIGTERM, wait), then LB and emulators."""
         if self._stopping.is_set():
             return
+        t0 = time.monotonic()
         self._stopping.set()
         self._abort.set()
         with self._lock:  # waits for a restart in progress
@@ -1102,7 +1103,7 @@ class Arena:
         for name in INSTANCES:
             _unlink(self.socket_path(name))
         if self._started:
-            self.log("arena stopped")
+            self.log(f"arena stopped ({time.monotonic() - t0:.1f}s)")
 
     # -- measurements
 
