@@ -494,6 +494,24 @@ class Cgroups:
             parents[c] = parent
         return parents, None
 
+    @staticmethod
+    def remove_stale(parents: dict):
+        """rmdir empty cgroups left by arenas that were killed (their pid is in the name)."""
+        for parent in parents.values():
+            try:
+                entries = list(parent.iterdir())
+            except OSError:
+                continue
+            for d in entries:
+                m = re.fullmatch(r"rinha-arena-\d+-(\d+)-[0-9a-f]+", d.name)
+                if not m or not d.is_dir() or Path(f"/proc/{m.group(1)}").exists():
+                    continue
+                for sub in [x for x in d.iterdir() if x.is_dir()] + [d]:
+                    try:
+                        sub.rmdir()
+                    except OSError:
+                        pass
+
     def create(self, parents: dict, cpus: float, memory: int, services: dict | None = None):
         try:
             for c, parent in parents.items():
@@ -931,6 +949,7 @@ class Arena:
                 reason = f"cannot read per-service limits from {COMPOSE_FILE.name}: {exc}"
                 parents = None
         if parents:
+            Cgroups.remove_stale(parents)
             cg = Cgroups(self.cgroup_name)
             try:
                 cg.create(parents, CPU_LIMIT, MEMORY_LIMIT, services)
