@@ -946,6 +946,8 @@ class Pipeline:
                 status, body = await upstream.request(b"GET", b"/payments/service-health", timeout=8.0)
                 if status in (200, 503):  # newer processors answer 503 while failing
                     breaker.observe_health(bool(orjson.loads(body).get("failing")), loop.time())
+                else:
+                    log(f"health of {upstream.name}: status {status}")
             except (UpstreamError, orjson.JSONDecodeError, AttributeError) as error:
                 log(f"health of {upstream.name}: {error}")
             await asyncio.sleep(HEALTH_INTERVAL_S)

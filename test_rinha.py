@@ -643,6 +643,30 @@ def test_router_holds_payments_while_default_is_down_until_the_hold_time():
     assert pipeline.choose(old_payment, 100.0) == rinha.DEFAULT
 
 
+def test_two_instances_polling_health_never_draw_a_429_and_see_failure_and_recovery(tmp_path):
+    # Each instance keeps at most one health call outstanding per processor, and the processor
+    # answers one per window while letting two wait: two instances fit whatever the interval
+    # (three asking this often do draw 429s). Scaled down: a 0.5 s window instead of 5 s.
+    default = Processor("0.05", "--health-window-s", "0.5")
+    fallback = Processor("0.15", "--health-window-s", "0.5")
+    instances = [Instance(tmp_path, f"api{i}", default, fallback, HEALTH_INTERVAL_S=0.1) for i in (1, 2)]
+    try:
+        default.configure(failure=True)
+        assert wait_until(lambda: all(i.health()["default"]["reported_failing"] for i in instances), timeout=5)
+        assert all(i.health()["default"]["breaker"] != rinha.CLOSED for i in instances)
+        default.configure(failure=False)
+        assert wait_until(lambda: not any(i.health()["default"]["reported_failing"] for i in instances), timeout=5)
+        time.sleep(2)
+    finally:
+        for instance in instances:
+            instance.process.stop()
+        default.process.stop()
+        fallback.process.stop()
+    for instance in instances:
+        assert "status 429" not in instance.process.output()
+        assert "health of" not in instance.process.output()
+
+
 # ---------------------------------------------------------------------------
 # The pipeline against the processor emulator
 # ---------------------------------------------------------------------------
