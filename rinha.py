@@ -497,7 +497,8 @@ class PaymentQueue:
         return self.size + self.taken >= self.capacity
 
     def nearly_full(self):
-        return self.size + self.taken >= self.capacity * FALLBACK_QUEUE_FRACTION
+        """Queued (not counting payments out with workers) past FALLBACK_QUEUE_FRACTION."""
+        return self.size >= self.capacity * FALLBACK_QUEUE_FRACTION
 
     def push(self, payment):
         self.slots[(self.head + self.size) % self.capacity] = payment

@@ -753,6 +753,39 @@ def test_payments_held_longer_than_the_hold_time_go_to_the_fallback(fresh, tmp_p
         instance.process.stop()
 
 
+def test_a_nearly_full_queue_sends_to_the_fallback_before_the_hold_time(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(failure=True)
+    instance = Instance(tmp_path, "api1", default, fallback, QUEUE_CAPACITY=40, FALLBACK_QUEUE_FRACTION=0.5)
+    try:
+        assert len(pay_many(instance, 30, threads=3)) == 30
+        # Above 20 queued the fallback takes payments; below it the rest wait for the default.
+        assert wait_until(lambda: instance.health()["queue"] + instance.health()["in_flight"] <= 20, timeout=5)
+        time.sleep(0.5)
+        assert 10 <= fallback.summary()["totalRequests"] <= 12  # the excess, give or take a worker's race
+        default.configure(failure=False)
+        assert wait_until(lambda: drained(instance), timeout=10)
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] + mine["fallback"]["totalRequests"] == 30
+    finally:
+        instance.process.stop()
+
+
+def test_processors_on_unix_sockets_are_reached(tmp_path):
+    socket_path = str(tmp_path / "default.sock")
+    default = Process([PYTHON, str(ROOT / "bench" / "processor.py"), "--unix", socket_path, "--fee", "0.05",
+                       "--token", TOKEN], "listening")
+    fake_fallback = type("Address", (), {"url": "http://127.0.0.1:9"})
+    instance = Instance(tmp_path, "api1", type("Address", (), {"url": "unix:" + socket_path}), fake_fallback)
+    try:
+        assert len(pay_many(instance, 20, threads=2)) == 20
+        assert wait_until(lambda: drained(instance))
+        assert instance.summary()["default"]["totalRequests"] == 20
+    finally:
+        instance.process.stop()
+        default.stop()
+
+
 def test_both_processors_down_holds_everything_and_loses_nothing(fresh, tmp_path):
     default, fallback = fresh
     default.configure(failure=True)
