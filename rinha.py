@@ -72,6 +72,7 @@ MAX_CONNECTIONS = env_int("MAX_CONNECTIONS", 2048)
 READ_TIMEOUT_S = env_float("READ_TIMEOUT_S", 10.0)
 IDLE_TIMEOUT_S = env_float("IDLE_TIMEOUT_S", 600.0)
 MAX_AMOUNT = Decimal(env_str("MAX_AMOUNT", "1000000000"))
+MAX_AMOUNT_CENTS = int(MAX_AMOUNT * 100)
 
 DEFAULT, FALLBACK = 0, 1
 PROCESSOR_NAMES = ("default", "fallback")
@@ -331,7 +332,7 @@ def parse_payment(body):
     if type(cid) is not str or len(cid) != 36 or not UUID_PATTERN.fullmatch(cid):
         raise InvalidPayment("correlationId must be a UUID string", "correlationId")
     cents = amount_to_cents(payment.get("amount"))
-    if cents is None or cents <= 0 or cents > MAX_AMOUNT * 100:
+    if cents is None or cents <= 0 or cents > MAX_AMOUNT_CENTS:
         raise InvalidPayment(f"amount must be a number over 0.00 and at most {MAX_AMOUNT}", "amount")
     return cid.encode(), cents
 
@@ -1136,49 +1137,47 @@ class HttpConnection(asyncio.Protocol):
 
     def dispatch(self, request, body):
         """Answer one request; False if the answer is asynchronous (reading paused)."""
-        server = self.server
-        keep = request.keep_alive and not server.draining
-        path = request.path
+        keep = request.keep_alive and not self.server.draining
         try:
-            if path == b"/payments":
-                if request.method != b"POST":
-                    raise MethodNotAllowed(b"POST")
-                cid, cents = parse_payment(body)
-                server.pipeline.accept(cid, cents)
-                return self.answer(ACCEPTED[not keep], keep)
-            if path == b"/payments-summary":
-                if request.method != b"GET":
-                    raise MethodNotAllowed(b"GET")
-                return self.answer_later(server.summary(request), keep)
-            if path == b"/internal/summary":
-                if request.method != b"GET":
-                    raise MethodNotAllowed(b"GET")
-                window = dict(parse_qsl(request.query.decode("latin-1")))
-                try:
-                    low, high = int(window["from_ms"]), int(window["to_ms"])
-                except (KeyError, ValueError):
-                    raise InvalidQuery("from_ms and to_ms must be integers") from None
-                totals = server.local_totals(low, high)
-                text = b"%d %d %d %d" % tuple(totals)
-                return self.answer(response(b"200 OK", text, b"text/plain", close=not keep), keep)
-            if path == b"/purge-payments":
-                if request.method != b"POST":
-                    raise MethodNotAllowed(b"POST")
-                return self.answer_later(server.purge(request), keep, PURGED)
-            if path == b"/internal/purge":
-                if request.method != b"POST":
-                    raise MethodNotAllowed(b"POST")
-                if not PURGE_TOKEN or request.token != PURGE_TOKEN.encode():
-                    raise Forbidden("wrong or missing X-Rinha-Token")
-                server.purge_local()
-                return self.answer(PURGED[not keep], keep)
-            if path == b"/health":
-                if request.method != b"GET":
-                    raise MethodNotAllowed(b"GET")
-                return self.answer(response(b"200 OK", server.health(), close=not keep), keep)
-            raise NotFound("no such path")
+            route = ROUTES.get(request.path)
+            if route is None:
+                raise NotFound("no such path")
+            method, handler = route
+            if request.method != method:
+                raise MethodNotAllowed(method)
+            return handler(self, request, body, keep)
         except HttpError as error:
             return self.answer(error.response(not keep), keep and not error.closes)
+
+    # -- endpoints: each answers now (True to go on reading) or later ------
+    def post_payment(self, request, body, keep):
+        cid, cents = parse_payment(body)
+        self.server.pipeline.accept(cid, cents)
+        return self.answer(ACCEPTED[not keep], keep)
+
+    def get_summary(self, request, body, keep):
+        return self.answer_later(self.server.summary(request), keep)
+
+    def get_local_summary(self, request, body, keep):
+        window = dict(parse_qsl(request.query.decode("latin-1")))
+        try:
+            low, high = int(window["from_ms"]), int(window["to_ms"])
+        except (KeyError, ValueError):
+            raise InvalidQuery("from_ms and to_ms must be integers") from None
+        text = b"%d %d %d %d" % tuple(self.server.local_totals(low, high))
+        return self.answer(response(b"200 OK", text, b"text/plain", close=not keep), keep)
+
+    def post_purge(self, request, body, keep):
+        return self.answer_later(self.server.purge(request), keep, PURGED)
+
+    def post_local_purge(self, request, body, keep):
+        if not PURGE_TOKEN or request.token != PURGE_TOKEN.encode():
+            raise Forbidden("wrong or missing X-Rinha-Token")
+        self.server.purge_local()
+        return self.answer(PURGED[not keep], keep)
+
+    def get_health(self, request, body, keep):
+        return self.answer(response(b"200 OK", self.server.health(), close=not keep), keep)
 
     def answer(self, data, keep):
         self.transport.write(data)
@@ -1227,6 +1226,16 @@ class HttpConnection(asyncio.Protocol):
         elif not self.request_since and not self.busy and (
                 now - self.active_at > IDLE_TIMEOUT_S or self.server.draining):
             self.transport.close()
+
+
+ROUTES = {  # path -> (the one method it answers, handler)
+    b"/payments": (b"POST", HttpConnection.post_payment),
+    b"/payments-summary": (b"GET", HttpConnection.get_summary),
+    b"/purge-payments": (b"POST", HttpConnection.post_purge),
+    b"/health": (b"GET", HttpConnection.get_health),
+    b"/internal/summary": (b"GET", HttpConnection.get_local_summary),  # asked by peers
+    b"/internal/purge": (b"POST", HttpConnection.post_local_purge),  # asked by peers
+}
 
 
 # ---------------------------------------------------------------------------

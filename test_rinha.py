@@ -333,6 +333,17 @@ def test_parse_window_is_open_without_bounds_and_400_on_garbage():
         rinha.parse_window(b"from=yesterday")
 
 
+@given(st.one_of(st.binary(max_size=200),
+                 st.builds(lambda a, b: b"from=" + a + b"&to=" + b, st.binary(max_size=40), st.binary(max_size=40)),
+                 st.builds(lambda a: ("from=" + a).encode(), st.text(max_size=40))))
+def test_parse_window_raises_only_invalid_query_on_random_queries(query):
+    try:
+        low, high = rinha.parse_window(query)
+        assert isinstance(low, int) and isinstance(high, int)
+    except rinha.InvalidQuery:
+        pass
+
+
 # ---------------------------------------------------------------------------
 # HTTP over real sockets: keep-alive, pipelining, limits, timeouts
 # ---------------------------------------------------------------------------
