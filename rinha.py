@@ -1275,8 +1275,6 @@ async def serve():
     tasks.append(asyncio.ensure_future(pipeline.release_pins()))
     if HEALTH_INTERVAL_S > 0:
         tasks += [asyncio.ensure_future(pipeline.poll_health(p)) for p in (DEFAULT, FALLBACK)]
-    sweeper = loop.call_later(1.0, lambda: None)
-
     def sweep():
         nonlocal sweeper
         server.sweep()
@@ -1314,8 +1312,7 @@ async def serve():
 
 
 def main():
-    uvloop.install()
-    asyncio.run(serve())
+    uvloop.run(serve())
 
 
 if __name__ == "__main__":
