@@ -46,7 +46,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from load import LoadError, run_load, summary_line  # noqa: E402
+from load import LoadError, arena_targets, run_load, summary_line  # noqa: E402
 
 OUT = BENCH / "out"
 RESULTS = BENCH / "RESULTS.md"
@@ -185,11 +185,7 @@ def run_scenario(args):
         arena.reset_peak_memory()
         before = arena.stats()
         overrides = {
-            "BACKEND_URL": arena.url,
-            "DEFAULT_ADMIN_URL": arena.default_url,
-            "FALLBACK_ADMIN_URL": arena.fallback_url,
-            "PROCESSOR_TOKEN": arena.token,
-            "PURGE_TOKEN": purge_token,
+            **arena_targets(arena, purge_token),
             "MAX_REQUESTS": args.max_requests,
             "DURATION_S": args.duration,
             "PHASES": args.phases,

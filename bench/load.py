@@ -45,6 +45,17 @@ def _resolve(path):
     return str((REPO / candidate).resolve())
 
 
+def arena_targets(arena, purge_token):
+    """The k6 variables that point the scenario at a running bench/arena.py stack."""
+    return {
+        "BACKEND_URL": arena.url,
+        "DEFAULT_ADMIN_URL": arena.default_url,
+        "FALLBACK_ADMIN_URL": arena.fallback_url,
+        "PROCESSOR_TOKEN": arena.token,
+        "PURGE_TOKEN": purge_token,
+    }
+
+
 def run_load(env_overrides=None, out_dir=None, *, log_path=None, dashboard=True, timeout_s=None):
     """Run bench/rinha.js once and return the parsed result.json (plus "k6_exit_code", "out_dir").
 

@@ -54,7 +54,7 @@ def scenario(tmp_path_factory):
     if not (BENCH / "arena.py").exists():
         pytest.skip("bench/arena.py does not exist yet")
     from arena import Arena
-    from load import run_load
+    from load import arena_targets, run_load
 
     tmp = tmp_path_factory.mktemp("scenario")
     run_dir = Path("/tmp") / f"rinha-scenario-{secrets.token_hex(4)}"  # short: unix socket paths
@@ -65,11 +65,7 @@ def scenario(tmp_path_factory):
     arena.start()
     try:
         overrides = {
-            "BACKEND_URL": arena.url,
-            "DEFAULT_ADMIN_URL": arena.default_url,
-            "FALLBACK_ADMIN_URL": arena.fallback_url,
-            "PROCESSOR_TOKEN": arena.token,
-            "PURGE_TOKEN": purge_token,
+            **arena_targets(arena, purge_token),
             "MAX_REQUESTS": MAX_REQUESTS,
             "DURATION_S": DURATION_S,
             "PHASES": PHASES,
