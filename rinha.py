@@ -502,6 +502,8 @@ class PaymentQueue:
         return self.size >= self.capacity * FALLBACK_QUEUE_FRACTION
 
     def push(self, payment):
+        if self.size + self.taken >= self.capacity:  # callers check full() first
+            raise OverflowError("payment queue over capacity")
         self.slots[(self.head + self.size) % self.capacity] = payment
         self.size += 1
         while self.waiters:
@@ -783,10 +785,13 @@ class Breaker:
 class Pipeline:
     """Queue, breakers, upstreams, ledger and journal: everything a payment passes through."""
 
-    def __init__(self, journal, ledger):
+    def __init__(self, journal, ledger, pending=None):
+        """pending: payments replayed from the journal, queued first (the queue grows to hold
+        them all if they outnumber QUEUE_CAPACITY: they were accepted, they are never dropped)."""
+        pending = pending or {}
         self.journal = journal
         self.ledger = ledger
-        self.queue = PaymentQueue(QUEUE_CAPACITY)
+        self.queue = PaymentQueue(max(QUEUE_CAPACITY, len(pending)))
         self.breakers = (Breaker(), Breaker())
         self.processors = (Upstream("default", DEFAULT_PROCESSOR_URL),
                            Upstream("fallback", FALLBACK_PROCESSOR_URL))
@@ -796,6 +801,10 @@ class Pipeline:
         self.duplicates = 0
         self.rejected = 0
         self.running = True
+        for cid, (cents, accepted, pin) in pending.items():
+            self.queue.push((cid, cents, accepted))
+            if pin:
+                self.pins[cid] = pin
 
     # -- accepting ---------------------------------------------------------
     def accept(self, cid, cents):
@@ -811,12 +820,6 @@ class Pipeline:
             raise Unavailable("journal unavailable") from None
         queue.push((cid, cents, accepted))
         self.accepted += 1
-
-    def restore(self, pending):
-        for cid, (cents, accepted, pin) in pending.items():
-            self.queue.push((cid, cents, accepted))
-            if pin:
-                self.pins[cid] = pin
 
     # -- routing -----------------------------------------------------------
     def choose(self, payment, now):
@@ -1252,8 +1255,7 @@ async def serve():
     journal = Journal(JOURNAL_PATH)
     pending = journal.replay(ledger)
     journal.open_compacted(ledger, pending)
-    pipeline = Pipeline(journal, ledger)
-    pipeline.restore(pending)
+    pipeline = Pipeline(journal, ledger, pending)
     if pending:
         log(f"journal replayed: {len(pending)} payments requeued")
     peers = [Upstream(address, address) for address in PEERS.split(",") if address.strip()]

@@ -962,6 +962,25 @@ def test_sigkill_under_load_then_restart_loses_and_duplicates_nothing(fresh, tmp
         instance.process.stop()
 
 
+def test_a_journaled_backlog_larger_than_the_queue_capacity_is_restored_whole(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(failure=True)
+    instance = Instance(tmp_path, "api1", default, fallback, SHUTDOWN_GRACE_S=0)
+    accepted = pay_many(instance, 60)
+    assert instance.process.stop() == 0
+    default.configure(failure=False)
+    instance.env["QUEUE_CAPACITY"] = "25"  # restarted with a smaller queue than its backlog
+    instance.start()
+    try:
+        assert wait_until(lambda: drained(instance), timeout=10)
+        assert_ledger_matches(instance, default, fallback)
+        assert instance.summary()["default"]["totalRequests"] == 60
+        assert all(default.stored(cid) for cid in accepted)
+        assert instance.pay()[0] == 202  # room again once drained
+    finally:
+        instance.process.stop()
+
+
 def test_sigterm_drains_what_it_can_and_journals_the_rest_for_the_next_start(fresh, tmp_path):
     default, fallback = fresh
     default.configure(failure=True)
