@@ -1106,8 +1106,9 @@ class HttpConnection(asyncio.Protocol):
         if self not in self.server.connections:  # refused in connection_made
             return self.transport.close()
         self.buffer += data
+        self.active_at = time.monotonic()
         if not self.request_since:
-            self.request_since = time.monotonic()
+            self.request_since = self.active_at
         if not self.busy:
             self.process()
 
@@ -1133,8 +1134,7 @@ class HttpConnection(asyncio.Protocol):
             body = bytes(buffer[:request.length])
             del buffer[:request.length]
             self.head = None
-            self.request_since = time.monotonic() if buffer else 0.0
-            self.active_at = time.monotonic()
+            self.request_since = self.active_at if buffer else 0.0  # the next one began
             if not self.dispatch(request, body):
                 return  # an asynchronous answer will resume processing
 
