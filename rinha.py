@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from datetime import datetime, timezone
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal
 from urllib.parse import parse_qsl
 
 import orjson

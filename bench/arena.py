@@ -384,7 +384,7 @@ def ensure_lb_binary(lb: str, log=print) -> str:
             if exe:
                 return exe
             if updated:
-                log(f"arena: apt-get update")
+                log("arena: apt-get update")
                 subprocess.run(apt + ["update", "-q"], env=env, check=False)
             for pkgs in packages:
                 log(f"arena: {lb} is missing; apt-get install -y {' '.join(pkgs)}")

@@ -27,7 +27,6 @@ Output files go to bench/out/ (bench-*.log, result.json, report.html).
 import argparse
 import json
 import os
-import re
 import secrets
 import shlex
 import shutil
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -141,11 +139,6 @@ def process_cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def get_json(url, timeout=2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def stop_process(proc, timeout=15.0):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -229,20 +222,6 @@ def run_wrk(port, seconds, connections, script, log_file):
     raise RuntimeError(f"wrk gave no result (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
 
 
-def wait_drained(port, timeout=120.0):
-    """Until rinha.py's /health shows an empty queue and nothing in flight."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            health = get_json(f"http://127.0.0.1:{port}/health")
-            if health.get("queue", 0) == 0 and health.get("in_flight", 0) == 0:
-                return True
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    return False
-
-
 def run_micro(args):
     if not shutil.which("wrk"):
         raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
@@ -317,7 +296,7 @@ def run_micro(args):
 def uvicorn_http_impl():
     """Which HTTP parser uvicorn picks here ('auto': httptools when installed, else h11)."""
     try:
-        import httptools  # noqa: F401
+        import httptools  # noqa: F401  (only whether it imports)
         return "httptools"
     except ImportError:
         return "h11"
