@@ -403,6 +403,20 @@ def test_a_bad_payment_gets_400_naming_the_field_and_keeps_the_connection(front)
     assert answer.count(b"HTTP/1.1 202") == 1
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=200), st.dictionaries(st.sampled_from(["correlationId", "amount", "x"]),
+                                                        st.one_of(st.none(), st.booleans(), st.integers(-5, 0),
+                                                                  st.floats(max_value=0), st.text(max_size=40)))))
+def test_invalid_payments_get_400_and_change_nothing(front, payload):
+    assert wait_until(lambda: drained(front))  # earlier tests' payments are all settled
+    before = front.health()
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    status, _, answer = call(front.port, "POST", "/payments", body)
+    assert status == 400 and b"error" in answer
+    after = front.health()
+    assert (after["accepted"], after["journal_bytes"]) == (before["accepted"], before["journal_bytes"])
+
+
 def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(front):
     assert call(front.port, "GET", "/nothing")[0] == 404
     status, headers, _ = call(front.port, "GET", "/payments")
