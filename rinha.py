@@ -171,6 +171,7 @@ class HttpError(Exception):
     the connection must close because the byte stream can no longer be trusted."""
     status = b"400 Bad Request"
     closes = True
+    extra = b""  # further header lines of the answer
 
     def __init__(self, message, field=None):
         super().__init__(message)
@@ -179,7 +180,7 @@ class HttpError(Exception):
 
     def response(self, close):
         return response(self.status, error_body(self.message, self.field),
-                        extra=getattr(self, "extra", b""), close=close or self.closes)
+                        extra=self.extra, close=close or self.closes)
 
 
 class MalformedRequest(HttpError):
