@@ -12,12 +12,14 @@ import array
 import asyncio
 import bisect
 import gc
+import math
 import os
 import re
 import signal
 import socket
 import sys
 import time
+from collections import deque
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from urllib.parse import parse_qsl
@@ -54,15 +56,18 @@ JOURNAL_FSYNC = env_int("JOURNAL_FSYNC", 0)
 PURGE_TOKEN = env_str("PURGE_TOKEN", "")
 
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", 100_000)
-WORKERS = env_int("WORKERS", 16)
+IN_FLIGHT_MIN = env_int("IN_FLIGHT_MIN", 4)
+IN_FLIGHT_CAP = env_int("IN_FLIGHT_CAP", 300)
+FORWARD_RATE = env_float("FORWARD_RATE", 2000.0)
+LATENCY_WEIGHT = env_float("LATENCY_WEIGHT", 0.2)
 PROCESSOR_TIMEOUT_S = env_float("PROCESSOR_TIMEOUT_S", 10.0)
 BREAKER_FAILURES = env_int("BREAKER_FAILURES", 3)
 BREAKER_RETRY_S = env_float("BREAKER_RETRY_S", 0.25)
-FALLBACK_HOLD_S = env_float("FALLBACK_HOLD_S", 30.0)
+FALLBACK_AFTER_S = env_float("FALLBACK_AFTER_S", 25.0)
 FALLBACK_QUEUE_FRACTION = env_float("FALLBACK_QUEUE_FRACTION", 0.8)
 PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
+PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
 HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
-HOLD_POLL_S = env_float("HOLD_POLL_S", 0.05)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
 SHUTDOWN_GRACE_S = env_float("SHUTDOWN_GRACE_S", 10.0)
 
@@ -158,6 +163,7 @@ PURGED = (response(b"200 OK", b'{"message":"purged"}'), response(b"200 OK", b'{"
 SUMMARY_BODY = (b'{"default":{"totalRequests":%d,"totalAmount":%s},'
                 b'"fallback":{"totalRequests":%d,"totalAmount":%s}}')
 PROCESSOR_BODY = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}'
+JSON_HEADER = b"Content-Type: application/json\r\n"
 
 # ---------------------------------------------------------------------------
 # HTTP parsing
@@ -408,45 +414,60 @@ class Ledger:
 
 
 class Journal:
-    """Append-only record of this instance. Lines:
-    A cid cents accepted_ms      accepted, queued       S cid proc requested_ms   about to send
-    C cid proc requested_ms cents  confirmed            X cid    settled, not counted (duplicate)
-    U cid                        a pinned attempt proved not to have landed
-    L proc requested_ms cents    a confirmed payment (compacted form)   P   purge: ledger emptied"""
-    __slots__ = ("path", "fd")
+    """Append-only record of this instance; seq numbers its accepted payments, so two payments
+    with one correlationId never share a record. Lines (one record each, newline-terminated):
+    A seq cid cents accepted_ms   accepted        S seq proc requested_ms    about to send
+    C seq proc requested_ms cents confirmed       X seq   settled, not ours (duplicate, refused)
+    U seq    an attempt proved not stored: unpinned        P   purge: ledger emptied
+    L proc requested_ms cents     a confirmed payment (compacted form)
+    A write that fails or lands short is cut back to the last whole record, so a later record
+    is never glued to a fragment; replay ignores a torn last line."""
+    __slots__ = ("path", "fd", "end", "torn")
 
     def __init__(self, path):
         self.path = path
         self.fd = -1
+        self.end = 0  # offset just past the last whole record
+        self.torn = False  # a failed write could not be cut back yet
 
     def replay(self, ledger):
-        """Rebuild the ledger; return pending payments {cid: [cents, accepted_ms, pin]} in order."""
-        pending = {}
+        """Rebuild the ledger; return (pending payments {seq: [cid, cents, accepted_ms, pin]}
+        in order of acceptance, the next free seq)."""
+        pending, next_seq = {}, 0
         if not os.path.exists(self.path):
-            return pending
-        with open(self.path, "rb") as lines:
-            for number, line in enumerate(lines, 1):
-                fields = line.split()
-                try:
-                    kind = fields[0]
-                    if kind == b"A":
-                        pending[fields[1]] = [int(fields[2]), int(fields[3]), None]
-                    elif kind == b"S" and fields[1] in pending:
-                        pending[fields[1]][2] = (int(fields[2]), int(fields[3]))
-                    elif kind == b"C":
-                        pending.pop(fields[1], None)
-                        ledger.record(int(fields[2]), int(fields[3]), int(fields[4]))
-                    elif kind == b"X":
-                        pending.pop(fields[1], None)
-                    elif kind == b"U" and fields[1] in pending:
-                        pending[fields[1]][2] = None
-                    elif kind == b"L":
-                        ledger.record(int(fields[1]), int(fields[2]), int(fields[3]))
-                    elif kind == b"P":
-                        ledger.clear()
-                except (IndexError, ValueError):
-                    log(f"journal line {number} unreadable, skipped: {line[:80]!r}")
-        return pending
+            return pending, next_seq
+        with open(self.path, "rb") as file:
+            lines = file.read().split(b"\n")
+        if lines[-1]:
+            log(f"journal ends in a torn record, ignored: {lines[-1][:80]!r}")
+        for number, line in enumerate(lines[:-1], 1):
+            fields = line.split()
+            try:
+                kind = fields[0]
+                if kind == b"L":
+                    ledger.record(int(fields[1]), int(fields[2]), int(fields[3]))
+                    continue
+                if kind == b"P":
+                    ledger.clear()
+                    continue
+                seq = int(fields[1])
+                if kind == b"A":
+                    pending[seq] = [fields[2], int(fields[3]), int(fields[4]), None]
+                    next_seq = max(next_seq, seq + 1)
+                elif kind == b"S" and seq in pending:
+                    pending[seq][3] = (int(fields[2]), int(fields[3]))
+                elif kind == b"C":
+                    ledger.record(int(fields[2]), int(fields[3]), int(fields[4]))
+                    pending.pop(seq, None)
+                elif kind == b"X":
+                    pending.pop(seq, None)
+                elif kind == b"U" and seq in pending:
+                    pending[seq][3] = None
+                elif kind not in (b"S", b"U"):
+                    raise ValueError(kind)
+            except (IndexError, ValueError):
+                log(f"journal line {number} unreadable, skipped: {line[:80]!r}")
+        return pending, next_seq
 
     def open_compacted(self, ledger, pending):
         """Rewrite the journal as the ledger plus the pending payments, then append to it."""
@@ -455,89 +476,72 @@ class Journal:
             for processor in (DEFAULT, FALLBACK):
                 for ms, cents in ledger.entries(processor):
                     out.write(b"L %d %d %d\n" % (processor, ms, cents))
-            for cid, (cents, accepted, pin) in pending.items():
-                out.write(b"A %s %d %d\n" % (cid, cents, accepted))
+            for seq, (cid, cents, accepted, pin) in pending.items():
+                out.write(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
                 if pin:
-                    out.write(b"S %s %d %d\n" % (cid, pin[0], pin[1]))
+                    out.write(b"S %d %d %d\n" % (seq, pin[0], pin[1]))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.path)
+        if JOURNAL_FSYNC:  # make the rename itself durable
+            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.end = os.fstat(self.fd).st_size
+        self.torn = False
 
     def append(self, line):
-        """Write one line; OSError if it could not be written whole (disk full, I/O error)."""
-        if os.write(self.fd, line) != len(line):
+        """Write one whole record, or raise OSError having written nothing of it."""
+        if self.torn:
+            self.cut_back()
+        try:
+            written = os.write(self.fd, line)
+        except OSError:
+            self.cut_back()
+            raise
+        if written != len(line):
+            self.cut_back()
             raise OSError("short write to the journal")
+        self.end += written
         if JOURNAL_FSYNC:
             os.fdatasync(self.fd)
 
+    def cut_back(self):
+        """Remove whatever a failed write left after the last whole record."""
+        self.torn = True
+        os.ftruncate(self.fd, self.end)  # OSError propagates: still torn, retried next time
+        self.torn = False
+
     def size(self):
-        return os.fstat(self.fd).st_size if self.fd >= 0 else 0
+        return self.end
 
 
 # ---------------------------------------------------------------------------
 # Queue
-# Accepted, unconfirmed payments, oldest first, as immutable (cid, cents, accepted_ms)
-# tuples that the collector stops tracking. Capacity counts the payments out with a
-# worker too, so a payment handed back always has its slot.
+# Accepted payments not yet settled, as immutable (seq, cid, cents, accepted_ms) tuples the
+# collector stops tracking: those free to go to either processor, oldest first, and per
+# processor those pinned to it. Capacity counts every unsettled payment, in flight too.
 # ---------------------------------------------------------------------------
 
 
-class PaymentQueue:
-    """A double-ended ring over a list of QUEUE_CAPACITY slots allocated at start."""
-    __slots__ = ("slots", "head", "size", "taken", "capacity", "waiters")
+class Backlog:
+    __slots__ = ("ready", "pinned", "pins", "unsettled")
 
-    def __init__(self, capacity):
-        self.slots = [None] * capacity
-        self.capacity = capacity
-        self.head = 0
-        self.size = 0
-        self.taken = 0  # handed to workers, not yet settled
-        self.waiters = []
+    def __init__(self):
+        self.ready = deque()  # free to go anywhere
+        self.pinned = (deque(), deque())  # per processor: pinned to it, waiting for it
+        self.pins = {}  # seq -> (processor, requested_ms, settle_from) of an attempt that may land
+        self.unsettled = 0  # accepted, neither confirmed nor settled as not ours
 
     def full(self):
-        return self.size + self.taken >= self.capacity
+        return self.unsettled >= QUEUE_CAPACITY
 
     def nearly_full(self):
-        """Queued (not counting payments out with workers) past FALLBACK_QUEUE_FRACTION."""
-        return self.size >= self.capacity * FALLBACK_QUEUE_FRACTION
-
-    def push(self, payment):
-        if self.size + self.taken >= self.capacity:  # callers check full() first
-            raise OverflowError("payment queue over capacity")
-        self.slots[(self.head + self.size) % self.capacity] = payment
-        self.size += 1
-        while self.waiters:
-            waiter = self.waiters.pop()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-    def take(self):
-        """The oldest payment, now counted as taken; None if the queue is empty."""
-        if not self.size:
-            return None
-        payment = self.slots[self.head]
-        self.slots[self.head] = None
-        self.head = (self.head + 1) % self.capacity
-        self.size -= 1
-        self.taken += 1
-        return payment
-
-    def give_back(self, payment):
-        """A taken payment returns to the front, keeping its place in line."""
-        self.taken -= 1
-        self.head = (self.head - 1) % self.capacity
-        self.slots[self.head] = payment
-        self.size += 1
-
-    def settle(self):
-        self.taken -= 1
-
-    async def wait(self):
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        await waiter
+        """Waiting to go anywhere past FALLBACK_QUEUE_FRACTION of the capacity."""
+        return len(self.ready) >= QUEUE_CAPACITY * FALLBACK_QUEUE_FRACTION
 
 
 # ---------------------------------------------------------------------------
@@ -548,7 +552,11 @@ class PaymentQueue:
 
 
 class UpstreamError(Exception):
-    """No usable answer: connection refused or lost, timeout, or a malformed response."""
+    """No usable answer: connection lost, timeout, or a malformed response."""
+
+
+class NotSent(UpstreamError):
+    """Nothing of the request left this process: no connection, or it closed before the write."""
 
 
 def parse_address(url):
@@ -636,7 +644,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, data, timeout):
         if self.transport.is_closing():
-            raise UpstreamError("connection closed")
+            raise NotSent("connection closed")
         self.waiter = asyncio.get_running_loop().create_future()
         self.timer = asyncio.get_running_loop().call_later(timeout, self.fail, "timeout")
         self.transport.write(data)
@@ -692,7 +700,7 @@ class Upstream:
             else:
                 _, connection = await loop.create_connection(UpstreamConnection, self.host, self.port)
         except OSError as error:
-            raise UpstreamError(f"cannot connect to {self.name}: {error}") from None
+            raise NotSent(f"cannot connect to {self.name}: {error}") from None
         return connection
 
     async def request(self, method, path, body=b"", headers=b"", timeout=PROCESSOR_TIMEOUT_S):
@@ -732,191 +740,350 @@ class Upstream:
 
 # ---------------------------------------------------------------------------
 # Router and breaker
-# Decides, payment by payment, where to send it or whether to hold it; learns from every
-# answer and from the health endpoint. The default is preferred while it works at all;
-# the fallback only takes payments that waited FALLBACK_HOLD_S, or when the queue nears
-# capacity. A payment whose attempt may have landed stays pinned to that processor.
+# Two tables hold every decision: what each outcome of an attempt does to the payment and
+# to the breaker. The default takes every payment while it works at all, however slowly;
+# while it is down, the fallback takes unpinned payments once the default has failed for
+# FALLBACK_AFTER_S with no success between, or once the queue nears capacity. A payment whose
+# attempt may have landed is pinned to that processor until an answer or a lookup settles it.
 # ---------------------------------------------------------------------------
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
-UNKNOWN = 0  # status used when an attempt got no answer
+# A payment's states.
+QUEUED, IN_FLIGHT, PINNED, CONFIRMED, NOT_OURS = "queued", "in flight", "pinned", "confirmed", "not ours"
+
+# Outcomes of an attempt (POST /payments to one processor).
+OK = "200"
+STORED_OURS = "422, stored with our requestedAt"  # a 422 on a pinned payment is looked up
+STORED_OTHER = "422, stored by another request"
+STORED_UNREAD = "422, lookup unanswered"
+REJECTED = "other 4xx"
+THROTTLED = "429"
+FAILED = "5xx"  # the processor fails before it stores
+NOT_SENT = "not sent"  # refused, or closed before the request was written
+ANSWER_LOST = "answer lost"  # written, then a timeout, a lost connection or a garbled answer
+JOURNAL_FAILED = "journal write failed"  # so nothing was sent
+CRASHED = "unexpected exception"  # a bug in this file; the request may have gone out
+ATTEMPT_OUTCOMES = (OK, STORED_OURS, STORED_OTHER, STORED_UNREAD, REJECTED, THROTTLED, FAILED,
+                    NOT_SENT, ANSWER_LOST, JOURNAL_FAILED, CRASHED)
+MAY_LAND_LATER = (ANSWER_LOST, CRASHED)  # the pin's settle clock (re)starts with these
+# Outcomes of looking up a pinned payment (GET /payments/{id}) once its pin has settled.
+FOUND_OURS, FOUND_OTHER, ABSENT, UNCHECKED = "found, ours", "found, not ours", "404", "lookup unanswered"
+LOOKUP_OUTCOMES = (FOUND_OURS, FOUND_OTHER, ABSENT, UNCHECKED)
+
+# What the breaker learns from an outcome, and from the health endpoint.
+SUCCESS, FAILURE, NEUTRAL, NOTHING = "success", "failure", "neutral", None
+REPORTED_FAILING, REPORTED_OK = "reported failing", "reported ok"
+
+PAYMENT_TRANSITIONS = {  # (state before the attempt, outcome) -> (state after, breaker signal)
+    (QUEUED, OK): (CONFIRMED, SUCCESS),
+    (QUEUED, STORED_OURS): (CONFIRMED, SUCCESS),
+    (QUEUED, STORED_OTHER): (NOT_OURS, SUCCESS),  # someone else sent this id first
+    (QUEUED, STORED_UNREAD): (PINNED, NEUTRAL),
+    (QUEUED, REJECTED): (NOT_OURS, SUCCESS),
+    (QUEUED, THROTTLED): (QUEUED, NEUTRAL),
+    (QUEUED, FAILED): (QUEUED, FAILURE),
+    (QUEUED, NOT_SENT): (QUEUED, FAILURE),
+    (QUEUED, ANSWER_LOST): (PINNED, FAILURE),
+    (QUEUED, JOURNAL_FAILED): (QUEUED, NEUTRAL),
+    (QUEUED, CRASHED): (PINNED, NEUTRAL),
+    (PINNED, OK): (CONFIRMED, SUCCESS),
+    (PINNED, STORED_OURS): (CONFIRMED, SUCCESS),
+    (PINNED, STORED_OTHER): (NOT_OURS, SUCCESS),
+    (PINNED, STORED_UNREAD): (PINNED, NEUTRAL),
+    (PINNED, REJECTED): (NOT_OURS, SUCCESS),
+    (PINNED, THROTTLED): (PINNED, NEUTRAL),
+    (PINNED, FAILED): (PINNED, FAILURE),  # this attempt failed; an earlier one may still land
+    (PINNED, NOT_SENT): (PINNED, FAILURE),
+    (PINNED, ANSWER_LOST): (PINNED, FAILURE),
+    (PINNED, JOURNAL_FAILED): (PINNED, NEUTRAL),
+    (PINNED, CRASHED): (PINNED, NEUTRAL),
+    (PINNED, FOUND_OURS): (CONFIRMED, NOTHING),
+    (PINNED, FOUND_OTHER): (NOT_OURS, NOTHING),
+    (PINNED, ABSENT): (QUEUED, NOTHING),  # settled and absent: that attempt can no longer land
+    (PINNED, UNCHECKED): (PINNED, NOTHING),
+}
+
+# Breaker states: closed sends freely; open sends nothing until retry_at; half-open has one
+# probe out. COUNTED: open after BREAKER_FAILURES failures in a row. PROBE_NOW: open, retry_at
+# now (a probe that proved nothing, or a health report of recovery). SAME: no change.
+CLOSED, OPEN, HALF_OPEN, COUNTED, PROBE_NOW, SAME = "closed", "open", "half-open", "counted", "probe now", "same"
+BREAKER_TRANSITIONS = {  # (state, signal) -> next
+    (CLOSED, SUCCESS): CLOSED, (CLOSED, FAILURE): COUNTED, (CLOSED, NEUTRAL): CLOSED,
+    (CLOSED, REPORTED_FAILING): OPEN, (CLOSED, REPORTED_OK): CLOSED,
+    (OPEN, SUCCESS): CLOSED, (OPEN, FAILURE): SAME, (OPEN, NEUTRAL): SAME,
+    (OPEN, REPORTED_FAILING): SAME, (OPEN, REPORTED_OK): PROBE_NOW,
+    (HALF_OPEN, SUCCESS): CLOSED, (HALF_OPEN, FAILURE): OPEN, (HALF_OPEN, NEUTRAL): PROBE_NOW,
+    (HALF_OPEN, REPORTED_FAILING): SAME, (HALF_OPEN, REPORTED_OK): SAME,  # the probe decides
+}
 
 
 class Breaker:
-    """closed: send freely. open: send nothing until retry_at. half-open: one probe is out."""
-    __slots__ = ("state", "failures", "retry_at", "confirmed", "failed", "health")
+    __slots__ = ("state", "failures", "retry_at", "failing_since", "reported_failing")
 
     def __init__(self):
         self.state = CLOSED
-        self.failures = 0
+        self.failures = 0  # in a row
         self.retry_at = 0.0
-        self.confirmed = 0
-        self.failed = 0
-        self.health = None
+        self.failing_since = None  # monotonic time of the first failure since the last success
+        self.reported_failing = None  # what the health endpoint said last
 
     def allows(self, now):
+        """Whether an attempt may start now; the first one after retry_at is the probe."""
         if self.state is CLOSED:
             return True
         if self.state is OPEN and now >= self.retry_at:
-            self.state = HALF_OPEN  # the caller carries the probe
+            self.state = HALF_OPEN
             return True
         return False
 
-    def succeeded(self):
-        self.state = CLOSED
-        self.failures = 0
-        self.confirmed += 1
+    def observe(self, signal, now):
+        if signal is SUCCESS:
+            self.failures = 0
+            self.failing_since = None
+        elif signal is FAILURE or signal is REPORTED_FAILING:
+            self.failures += signal is FAILURE
+            if self.failing_since is None:
+                self.failing_since = now
+        target = BREAKER_TRANSITIONS[self.state, signal]
+        if target is COUNTED:
+            target = OPEN if self.failures >= BREAKER_FAILURES else CLOSED
+        if target is OPEN:
+            self.state, self.retry_at = OPEN, now + BREAKER_RETRY_S
+        elif target is PROBE_NOW:
+            self.state, self.retry_at = OPEN, now
+        elif target is not SAME:
+            self.state = target
 
-    def failed_once(self, now):
-        self.failed += 1
-        self.failures += 1
-        if self.state is not CLOSED or self.failures >= BREAKER_FAILURES:
-            self.state = OPEN
-            self.retry_at = now + BREAKER_RETRY_S
+    def down_for(self, now):
+        """Seconds since the first failure with no success after it (0 while working)."""
+        return 0.0 if self.failing_since is None else now - self.failing_since
 
-    def observe_health(self, failing, now):
-        self.health = failing
-        if failing and self.state is CLOSED:
-            self.state = OPEN
-            self.retry_at = now + BREAKER_RETRY_S
-        elif not failing and self.state is OPEN:
-            self.retry_at = now  # probe at once
+
+class Lane:
+    """One processor as the router sees it: its connections, its breaker, and how many
+    payments may be in flight there. By Little's law, in flight = rate x latency: the limit
+    follows the latency for FORWARD_RATE payments/s, between IN_FLIGHT_MIN and IN_FLIGHT_CAP,
+    grows by one per answer (a slow start), and halves on a 429."""
+    __slots__ = ("index", "upstream", "breaker", "in_flight", "limit", "latency", "confirmed", "failed")
+
+    def __init__(self, index, url):
+        self.index = index
+        self.upstream = Upstream(PROCESSOR_NAMES[index], url)
+        self.breaker = Breaker()
+        self.in_flight = 0
+        self.limit = min(IN_FLIGHT_MIN, IN_FLIGHT_CAP)
+        self.latency = 0.0  # seconds, moving average over answered attempts
+        self.confirmed = 0
+        self.failed = 0
+
+    def answered(self, seconds):
+        self.latency += (seconds - self.latency) * LATENCY_WEIGHT
+        target = min(IN_FLIGHT_CAP, max(IN_FLIGHT_MIN, math.ceil(FORWARD_RATE * self.latency)))
+        self.limit = self.limit + 1 if self.limit < target else target
+
+    def throttled(self):
+        self.limit = max(min(IN_FLIGHT_MIN, IN_FLIGHT_CAP), self.limit // 2)
 
 
 class Pipeline:
-    """Queue, breakers, upstreams, ledger and journal: everything a payment passes through."""
+    """Backlog, lanes, ledger and journal: everything a payment passes through. Attempts
+    start from pump(), which runs after anything that can let a payment move."""
 
-    def __init__(self, journal, ledger, pending=None):
-        """pending: payments replayed from the journal, queued first (the queue grows to hold
-        them all if they outnumber QUEUE_CAPACITY: they were accepted, they are never dropped)."""
-        pending = pending or {}
+    def __init__(self, journal, ledger, pending=None, next_seq=0):
+        """pending: payments replayed from the journal ({seq: [cid, cents, accepted_ms, pin]}),
+        queued first, whatever their number: they were accepted, they are never dropped."""
         self.journal = journal
         self.ledger = ledger
-        self.queue = PaymentQueue(max(QUEUE_CAPACITY, len(pending)))
-        self.breakers = (Breaker(), Breaker())
-        self.processors = (Upstream("default", DEFAULT_PROCESSOR_URL),
-                           Upstream("fallback", FALLBACK_PROCESSOR_URL))
-        self.pins = {}  # cid -> (processor, requested_ms) of an attempt that may have landed
-        self.in_flight = 0
-        self.accepted = 0
-        self.duplicates = 0
-        self.rejected = 0
+        self.backlog = Backlog()
+        self.lanes = (Lane(DEFAULT, DEFAULT_PROCESSOR_URL), Lane(FALLBACK, FALLBACK_PROCESSOR_URL))
+        self.next_seq = next_seq
+        self.accepted = self.duplicates = self.rejected = 0
         self.running = True
-        for cid, (cents, accepted, pin) in pending.items():
-            self.queue.push((cid, cents, accepted))
-            if pin:
-                self.pins[cid] = pin
+        self.pump_due = False
+        self.wake = None  # timer for the next moment a held payment may move
+        self.wake_at = 0.0
+        now = time.monotonic()
+        for seq, (cid, cents, accepted, pin) in (pending or {}).items():
+            payment = (seq, cid, cents, accepted)
+            self.backlog.unsettled += 1
+            if pin:  # that attempt may have been under way at the crash: its clock restarts
+                self.backlog.pins[seq] = (pin[0], pin[1], now)
+                self.backlog.pinned[pin[0]].append(payment)
+            else:
+                self.backlog.ready.append(payment)
 
     # -- accepting ---------------------------------------------------------
     def accept(self, cid, cents):
         """Journal then queue a payment; HttpError if it cannot be taken safely."""
-        queue = self.queue
-        if queue.full():
+        backlog = self.backlog
+        if backlog.full():
             raise QueueFull("queue full, retry later")
+        seq = self.next_seq
         accepted = now_ms()
         try:
-            self.journal.append(b"A %s %d %d\n" % (cid, cents, accepted))
+            self.journal.append(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
         except OSError as error:
             log(f"journal write failed: {error}")
             raise Unavailable("journal unavailable") from None
-        queue.push((cid, cents, accepted))
+        self.next_seq = seq + 1
+        backlog.ready.append((seq, cid, cents, accepted))
+        backlog.unsettled += 1
         self.accepted += 1
+        self.pump_soon()
 
     # -- routing -----------------------------------------------------------
-    def choose(self, payment, now):
-        """DEFAULT, FALLBACK, or None to hold the payment for now."""
-        pin = self.pins.get(payment[0])
-        default, fallback = self.breakers
-        if pin is not None and pin[0] == FALLBACK:
-            return FALLBACK if fallback.allows(now) else None
-        if default.allows(now):
-            return DEFAULT
-        waited = now_ms() - payment[2] >= FALLBACK_HOLD_S * 1000
-        if pin is None and (waited or self.queue.nearly_full()) and fallback.allows(now):
-            return FALLBACK
+    def pump_soon(self):
+        if not self.pump_due:
+            self.pump_due = True
+            asyncio.get_running_loop().call_soon(self.pump)
+
+    def pump(self):
+        """Start every attempt that may start now: pinned payments on their own processor
+        (each lane apart, so none waits on another), then the rest wherever route() says."""
+        self.pump_due = False
+        if not self.running:
+            return
+        now = time.monotonic()
+        backlog = self.backlog
+        for lane in self.lanes:
+            waiting = backlog.pinned[lane.index]
+            while waiting and lane.in_flight < lane.limit and lane.breaker.allows(now):
+                self.start(waiting.popleft(), lane, PINNED)
+        ready = backlog.ready
+        while ready:
+            lane = self.route(now)
+            if lane is None:
+                break
+            self.start(ready.popleft(), lane, QUEUED)
+        self.arm_wake(now)
+
+    def route(self, now):
+        """The lane for the next unpinned payment, or None to hold it."""
+        default, fallback = self.lanes
+        if default.in_flight < default.limit and default.breaker.allows(now):
+            return default
+        if default.breaker.state is CLOSED:
+            return None  # working, only busy: however slow, it is worth the wait
+        if default.breaker.down_for(now) < FALLBACK_AFTER_S and not self.backlog.nearly_full():
+            return None  # down, but not for long yet
+        if fallback.in_flight < fallback.limit and fallback.breaker.allows(now):
+            return fallback
         return None
 
-    async def worker(self):
-        queue = self.queue
-        loop = asyncio.get_running_loop()
-        while self.running:
-            payment = queue.take()
-            if payment is None:
-                await queue.wait()
-                continue
-            processor = self.choose(payment, loop.time())
-            if processor is None:
-                queue.give_back(payment)
-                await asyncio.sleep(HOLD_POLL_S)
-                continue
-            self.in_flight += 1
-            try:
-                settled = await self.forward(payment, processor)
-            except (OSError, RuntimeError, ValueError) as error:  # a bug must not stop delivery
-                log(f"attempt failed unexpectedly, will retry: {error!r}")
-                settled = False
-                await asyncio.sleep(HOLD_POLL_S)
-            finally:
-                self.in_flight -= 1
-            if settled:
-                queue.settle()
-            else:
-                queue.give_back(payment)
+    def arm_wake(self, now):
+        """Pump again when a held payment may move: a breaker's next probe, or the moment
+        the default has been down FALLBACK_AFTER_S. Answers pump too, so this covers holds."""
+        backlog = self.backlog
+        moments = [lane.breaker.retry_at for lane in self.lanes if lane.breaker.state is OPEN
+                   and (backlog.ready or backlog.pinned[lane.index])]
+        since = self.lanes[DEFAULT].breaker.failing_since
+        if backlog.ready and since is not None:
+            moments.append(since + FALLBACK_AFTER_S)
+        at = min((moment for moment in moments if moment > now), default=None)
+        if at is None or (self.wake is not None and self.wake_at <= at):
+            return
+        if self.wake is not None:
+            self.wake.cancel()
+        self.wake_at = at
+        # The loop's timers may fire up to a millisecond early: aim just after the moment.
+        self.wake = asyncio.get_running_loop().call_later(at - now + 0.001, self.woken)
 
-    async def forward(self, payment, processor):
-        """One attempt. True when the payment is settled (confirmed or proved a duplicate)."""
-        cid, cents, _ = payment
-        pin = self.pins.get(cid)
-        requested = pin[1] if pin is not None and pin[0] == processor else now_ms()
-        journal = self.journal
+    def woken(self):
+        self.wake = None
+        self.pump()
+
+    # -- one attempt -------------------------------------------------------
+    def start(self, payment, lane, state):
+        lane.in_flight += 1
+        asyncio.get_running_loop().create_task(self.attempt(payment, lane, state))
+
+    async def attempt(self, payment, lane, state):
+        outcome = CRASHED
+        pin = self.backlog.pins.get(payment[0])
+        # A pinned payment is re-sent with the same requestedAt, so a 422 can prove it ours.
+        requested = pin[1] if pin is not None else now_ms()
         try:
-            journal.append(b"S %s %d %d\n" % (cid, processor, requested))
+            outcome = await self.send(payment, lane, requested, state is PINNED)
+        except Exception as error:  # a bug must not strand the payment: the table settles it
+            log(f"attempt for {payment[1].decode()} failed unexpectedly: {error!r}")
+        finally:
+            lane.in_flight -= 1
+            self.settle(payment, lane, state, outcome, requested)
+
+    async def send(self, payment, lane, requested, pinned):
+        """POST the payment; its outcome (one of ATTEMPT_OUTCOMES)."""
+        seq, cid, cents, _ = payment
+        try:
+            self.journal.append(b"S %d %d %d\n" % (seq, lane.index, requested))
         except OSError as error:
             log(f"journal write failed: {error}")
-            await asyncio.sleep(HOLD_POLL_S)
-            return False
+            return JOURNAL_FAILED
         body = PROCESSOR_BODY % (cid, cents_text(cents), iso_ms(requested))
-        breaker = self.breakers[processor]
+        started = time.monotonic()
         try:
-            status, _ = await self.processors[processor].request(
-                b"POST", b"/payments", body, b"Content-Type: application/json\r\n")
+            status, _ = await lane.upstream.request(b"POST", b"/payments", body, JSON_HEADER)
+        except NotSent:
+            return NOT_SENT
         except UpstreamError:
-            status = UNKNOWN
-        loop_now = asyncio.get_running_loop().time()
-        if status == 422 and pin is not None:
-            # Stored already: by our earlier attempt, unless another request used this id.
-            status = await self.stored_by_us(processor, cid, requested)
+            return ANSWER_LOST
+        lane.answered(time.monotonic() - started)
         if status == 200:
-            breaker.succeeded()
-            self.pins.pop(cid, None)
-            self.ledger.record(processor, requested, cents)
-            self.journal_quietly(b"C %s %d %d %d\n" % (cid, processor, requested, cents))
-            return True
-        if status == 422 or 400 <= status < 500 and status != 429:
-            # 422 on a clean attempt: someone else already sent this id; not ours to count.
-            if status == 422:
-                self.duplicates += 1
-            else:
-                self.rejected += 1
-                log(f"{PROCESSOR_NAMES[processor]} rejected {cid.decode()} with {status}")
-            self.journal_quietly(b"X %s\n" % cid)
-            return True
-        breaker.failed_once(loop_now)
-        if status == UNKNOWN:
-            self.pins[cid] = (processor, requested)
-        return False
+            return OK
+        if status == 422:  # stored already: by an earlier attempt of ours, or by someone else
+            if not pinned:
+                return STORED_OTHER
+            found = await self.lookup(lane, cid, requested)
+            return STORED_OURS if found is FOUND_OURS else STORED_OTHER if found is FOUND_OTHER else STORED_UNREAD
+        if status == 429:
+            lane.throttled()
+            return THROTTLED
+        return REJECTED if 400 <= status < 500 else FAILED
 
-    async def stored_by_us(self, processor, cid, requested):
-        """After a 422 on a pinned payment: 200 if the processor holds it with our
-        requestedAt (our earlier attempt landed), 422 if with another, UNKNOWN if unsure."""
+    async def lookup(self, lane, cid, requested):
+        """GET /payments/{id}: one of LOOKUP_OUTCOMES, comparing the stored requestedAt to ours."""
         try:
-            status, body = await self.processors[processor].request(b"GET", b"/payments/" + cid)
+            status, body = await lane.upstream.request(b"GET", b"/payments/" + cid)
+            if status == 404:
+                return ABSENT
             if status != 200:
-                return UNKNOWN
+                return UNCHECKED
             stored = parse_iso_ms(orjson.loads(body)["requestedAt"], round_up=False)
         except (UpstreamError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return UNKNOWN
-        return 200 if stored == requested else 422
+            return UNCHECKED
+        return FOUND_OURS if stored == requested else FOUND_OTHER
+
+    def settle(self, payment, lane, state, outcome, requested):
+        """Apply PAYMENT_TRANSITIONS: the one place a payment changes state after an attempt."""
+        after, signal = PAYMENT_TRANSITIONS[state, outcome]
+        now = time.monotonic()
+        if signal is not NOTHING:
+            lane.breaker.observe(signal, now)
+            lane.failed += signal is FAILURE
+        seq, cid, cents, _ = payment
+        backlog = self.backlog
+        if after is PINNED:
+            earlier = backlog.pins.get(seq)
+            settle_from = now if earlier is None or outcome in MAY_LAND_LATER else earlier[2]
+            backlog.pins[seq] = (lane.index, requested, settle_from)
+            backlog.pinned[lane.index].append(payment)
+        else:
+            backlog.pins.pop(seq, None)
+            if after is QUEUED:
+                backlog.ready.appendleft(payment)
+                self.journal_quietly(b"U %d\n" % seq)
+            elif after is CONFIRMED:
+                backlog.unsettled -= 1
+                lane.confirmed += 1
+                self.ledger.record(lane.index, requested, cents)
+                self.journal_quietly(b"C %d %d %d %d\n" % (seq, lane.index, requested, cents))
+            else:  # NOT_OURS
+                backlog.unsettled -= 1
+                if outcome is REJECTED:
+                    self.rejected += 1
+                    log(f"{PROCESSOR_NAMES[lane.index]} refused {cid.decode()} for good")
+                else:
+                    self.duplicates += 1
+                self.journal_quietly(b"X %d\n" % seq)
+        self.pump_soon()
 
     def journal_quietly(self, line):
         try:
@@ -924,51 +1091,59 @@ class Pipeline:
         except OSError as error:  # replay will resend; the processor's 422 settles it then
             log(f"journal write failed: {error}")
 
-    async def release_pins(self):
-        """Free pinned payments held longer than PIN_SETTLE_S when their processor is down:
-        GET /payments/{id} proves whether the attempt landed (confirm) or not (unpin)."""
+    async def check_pins(self):
+        """Every PIN_CHECK_INTERVAL_S: a payment pinned to a processor that takes no payments
+        now, whose latest attempt is PIN_SETTLE_S old, is looked up: found, it is confirmed
+        (ours) or settled (not ours); absent, it may go anywhere. A working processor settles
+        its pins itself: pump() re-sends them and the answer (200, or 422 and a lookup) decides."""
         while self.running:
-            await asyncio.sleep(PIN_SETTLE_S / 3)
-            limit = now_ms() - PIN_SETTLE_S * 1000
-            for cid, (processor, requested) in list(self.pins.items()):
-                if requested > limit or self.breakers[processor].state is CLOSED:
+            await asyncio.sleep(PIN_CHECK_INTERVAL_S)
+            now = time.monotonic()
+            for lane in self.lanes:
+                if lane.breaker.state is CLOSED:
                     continue
-                try:
-                    status, body = await self.processors[processor].request(
-                        b"GET", b"/payments/" + cid, timeout=PROCESSOR_TIMEOUT_S)
-                except UpstreamError:
-                    continue
-                if status == 404 and self.pins.get(cid) == (processor, requested):
-                    del self.pins[cid]
-                    self.journal_quietly(b"U %s\n" % cid)
-                    log(f"{cid.decode()} proved absent from {PROCESSOR_NAMES[processor]}; unpinned")
+                waiting, pins = self.backlog.pinned[lane.index], self.backlog.pins
+                for payment in [p for p in waiting if now - pins[p[0]][2] >= PIN_SETTLE_S]:
+                    waiting.remove(payment)
+                    outcome = await self.lookup(lane, payment[1], pins[payment[0]][1])
+                    self.settle(payment, lane, PINNED, outcome, pins[payment[0]][1])
 
-    async def poll_health(self, processor):
+    async def poll_health(self, lane):
         """GET /payments/service-health every HEALTH_INTERVAL_S (shared limit: 1 per 5 s)."""
-        loop = asyncio.get_running_loop()
-        upstream, breaker = self.processors[processor], self.breakers[processor]
+        upstream, breaker = lane.upstream, lane.breaker
         while self.running:
             try:
                 status, body = await upstream.request(b"GET", b"/payments/service-health", timeout=8.0)
                 if status in (200, 503):  # newer processors answer 503 while failing
-                    breaker.observe_health(bool(orjson.loads(body).get("failing")), loop.time())
+                    breaker.reported_failing = bool(orjson.loads(body).get("failing"))
+                    breaker.observe(REPORTED_FAILING if breaker.reported_failing else REPORTED_OK,
+                                    time.monotonic())
+                    self.pump_soon()
                 else:
                     log(f"health of {upstream.name}: status {status}")
             except (UpstreamError, orjson.JSONDecodeError, AttributeError) as error:
                 log(f"health of {upstream.name}: {error}")
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
+    def in_flight(self):
+        return self.lanes[DEFAULT].in_flight + self.lanes[FALLBACK].in_flight
+
     def statistics(self):
-        def processor(index):
-            breaker = self.breakers[index]
-            count, cents = self.ledger.window(index, -(1 << 62), 1 << 62)
-            return {"confirmed": breaker.confirmed, "failed_attempts": breaker.failed,
-                    "breaker": breaker.state, "reported_failing": breaker.health,
+        now = time.monotonic()
+
+        def processor(lane):
+            breaker = lane.breaker
+            count, cents = self.ledger.window(lane.index, -(1 << 62), 1 << 62)
+            return {"confirmed": lane.confirmed, "failed_attempts": lane.failed,
+                    "breaker": breaker.state, "reported_failing": breaker.reported_failing,
+                    "down_for_s": round(breaker.down_for(now), 3), "in_flight": lane.in_flight,
+                    "in_flight_limit": lane.limit, "latency_ms": round(lane.latency * 1000, 3),
                     "ledger_requests": count, "ledger_amount": cents / 100}
-        return {"queue": self.queue.size, "in_flight": self.in_flight, "pinned": len(self.pins),
-                "accepted": self.accepted, "duplicates": self.duplicates, "rejected": self.rejected,
-                "default": processor(DEFAULT), "fallback": processor(FALLBACK),
-                "journal_bytes": self.journal.size()}
+        backlog = self.backlog
+        return {"queue": backlog.unsettled - self.in_flight(), "in_flight": self.in_flight(),
+                "pinned": len(backlog.pins), "accepted": self.accepted, "duplicates": self.duplicates,
+                "rejected": self.rejected, "default": processor(self.lanes[DEFAULT]),
+                "fallback": processor(self.lanes[FALLBACK]), "journal_bytes": self.journal.size()}
 
 
 # ---------------------------------------------------------------------------
@@ -1254,9 +1429,9 @@ async def serve():
     loop = asyncio.get_running_loop()
     ledger = Ledger()
     journal = Journal(JOURNAL_PATH)
-    pending = journal.replay(ledger)
+    pending, next_seq = journal.replay(ledger)
     journal.open_compacted(ledger, pending)
-    pipeline = Pipeline(journal, ledger, pending)
+    pipeline = Pipeline(journal, ledger, pending, next_seq)
     if pending:
         log(f"journal replayed: {len(pending)} payments requeued")
     peers = [Upstream(address, address) for address in PEERS.split(",") if address.strip()]
@@ -1274,10 +1449,10 @@ async def serve():
             host, _, port = address.rpartition(":")
             listeners.append(await loop.create_server(
                 lambda: HttpConnection(server), host or "0.0.0.0", int(port), backlog=4096, reuse_address=True))
-    tasks = [asyncio.ensure_future(pipeline.worker()) for _ in range(WORKERS)]
-    tasks.append(asyncio.ensure_future(pipeline.release_pins()))
+    tasks = [asyncio.ensure_future(pipeline.check_pins())]
     if HEALTH_INTERVAL_S > 0:
-        tasks += [asyncio.ensure_future(pipeline.poll_health(p)) for p in (DEFAULT, FALLBACK)]
+        tasks += [asyncio.ensure_future(pipeline.poll_health(lane)) for lane in pipeline.lanes]
+    pipeline.pump()
     def sweep():
         nonlocal sweeper
         server.sweep()
@@ -1292,7 +1467,7 @@ async def serve():
     gc.collect()
     gc.freeze()
     gc.callbacks.append(server.on_gc)
-    log(f"listening on {LISTEN}; peers: {PEERS or 'none'}; queue {pipeline.queue.size} requeued")
+    log(f"listening on {LISTEN}; peers: {PEERS or 'none'}; {pipeline.backlog.unsettled} payments requeued")
     await stop
 
     log("stopping: no new connections; draining the queue")
@@ -1301,16 +1476,16 @@ async def serve():
         listener.close()
     server.sweep()
     deadline = loop.time() + SHUTDOWN_GRACE_S
-    while (pipeline.queue.size or pipeline.in_flight) and loop.time() < deadline:
+    while pipeline.backlog.unsettled and loop.time() < deadline:
         await asyncio.sleep(0.05)
     pipeline.running = False
     sweeper.cancel()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for upstream in (*pipeline.processors, *peers):
+    for upstream in (*(lane.upstream for lane in pipeline.lanes), *peers):
         upstream.close()
-    left = pipeline.queue.size + pipeline.queue.taken
+    left = pipeline.backlog.unsettled
     log(f"stopped; {left} payments left in the journal for the next start")
 
 

@@ -5,6 +5,7 @@ import array
 import asyncio
 import http.client
 import json
+import math
 import os
 import re
 import signal
@@ -117,8 +118,10 @@ class Instance:
                     **{key: str(value) for key, value in env.items()}}
         self.start()
 
-    def start(self):
-        self.process = Process([PYTHON, str(ROOT / "rinha.py")], "listening on", self.env)
+    def start(self, code=None):
+        """code: Python run instead of rinha.py's main (to inject a fault), ending in main()."""
+        argv = [PYTHON, "-c", code] if code else [PYTHON, str(ROOT / "rinha.py")]
+        self.process = Process(argv, "listening on", self.env)
 
     def health(self):
         return json.loads(call(self.port, "GET", "/health")[2])
@@ -514,46 +517,61 @@ def test_ledger_keeps_no_objects_for_the_garbage_collector():
 def test_journal_replay_rebuilds_ledger_pending_pins_and_honours_purge(tmp_path):
     path = tmp_path / "j"
     path.write_bytes(b"L 0 100 500\nP\n"
-                     b"A aaa 1990 1\nS aaa 0 10\nC aaa 0 10 1990\n"
-                     b"A bbb 500 2\nS bbb 1 20\n"
-                     b"A ccc 700 3\nS ccc 0 30\nU ccc\n"
-                     b"A ddd 1 4\nX ddd\ngarbage line\nC\n")
+                     b"A 0 aaa 1990 1\nS 0 0 10\nC 0 0 10 1990\n"
+                     b"A 1 bbb 500 2\nS 1 1 20\n"
+                     b"A 2 ccc 700 3\nS 2 0 30\nU 2\n"
+                     b"A 3 ddd 1 4\nX 3\n"
+                     b"A 4 bbb 900 5\n"  # the same correlationId again: its own payment
+                     b"garbage line\nC\n"
+                     b"A 5 eee 100 6\nS 5 0 4")  # torn by a crash: the record is ignored, not the A
     ledger = rinha.Ledger()
     journal = rinha.Journal(str(path))
-    pending = journal.replay(ledger)
+    pending, next_seq = journal.replay(ledger)
     assert ledger.window(0, 0, 10**6) == (1, 1990)
-    assert pending == {b"bbb": [500, 2, (1, 20)], b"ccc": [700, 3, None]}
+    assert pending == {1: [b"bbb", 500, 2, (1, 20)], 2: [b"ccc", 700, 3, None], 4: [b"bbb", 900, 5, None],
+                       5: [b"eee", 100, 6, None]}
+    assert next_seq == 6
     journal.open_compacted(ledger, pending)
     again = rinha.Ledger()
-    assert rinha.Journal(str(path)).replay(again) == pending
+    assert rinha.Journal(str(path)).replay(again) == (pending, 6)
     assert again.window(0, 0, 10**6) == (1, 1990)
+
+
+def test_a_short_journal_write_is_cut_back_so_the_next_record_survives(tmp_path):
+    # Issue 9: a short write (disk full) left a fragment, the next record was glued to it and
+    # lost at replay. Here the file-size limit makes the second append land short.
+    import resource
+    path = tmp_path / "j"
+    journal = rinha.Journal(str(path))
+    journal.open_compacted(rinha.Ledger(), {})
+    first, second, third = b"L 0 1 100\n", b"L 0 2 200" + b" " * 100 + b"\n", b"L 0 3 300\n"
+    journal.append(first)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(first) + 20, hard))
+    try:
+        with pytest.raises(OSError):
+            journal.append(second)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    journal.append(third)
+    assert path.read_bytes() == first + third
+    ledger = rinha.Ledger()
+    rinha.Journal(str(path)).replay(ledger)
+    assert ledger.window(0, 0, 10) == (2, 400)
 
 
 # ---------------------------------------------------------------------------
 # Queue
 # ---------------------------------------------------------------------------
 
-def test_queue_is_fifo_across_wraparound_and_give_back_keeps_the_front():
-    queue = rinha.PaymentQueue(3)
-    for i in range(7):
-        queue.push(i)
-        assert queue.take() == i
-        queue.settle()
-    queue.push("a")
-    queue.push("b")
-    first = queue.take()
-    queue.give_back(first)
-    assert [queue.take(), queue.take(), queue.take()] == ["a", "b", None]
-
-
-def test_queue_capacity_counts_payments_out_with_workers():
-    queue = rinha.PaymentQueue(2)
-    queue.push(1)
-    queue.push(2)
-    queue.take()
-    assert queue.full()
-    queue.settle()
-    assert not queue.full()
+def test_the_queue_counts_every_unsettled_payment_and_is_nearly_full_by_waiting_ones(monkeypatch):
+    monkeypatch.setattr(rinha, "QUEUE_CAPACITY", 4)
+    monkeypatch.setattr(rinha, "FALLBACK_QUEUE_FRACTION", 0.5)
+    backlog = rinha.Backlog()
+    backlog.unsettled = 4  # in flight or pinned count as much as waiting ones
+    assert backlog.full() and not backlog.nearly_full()
+    backlog.ready.extend([1, 2])
+    assert backlog.nearly_full()
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_journals_nothing(fresh, tmp_path):
@@ -631,41 +649,131 @@ def test_connections_closed_by_a_restarted_processor_are_replaced_not_fatal(tmp_
 # Router and breaker
 # ---------------------------------------------------------------------------
 
-def test_breaker_opens_after_consecutive_failures_and_lets_one_probe_through():
+BREAKER_SIGNALS = (rinha.SUCCESS, rinha.FAILURE, rinha.NEUTRAL, rinha.REPORTED_FAILING, rinha.REPORTED_OK)
+
+
+def test_the_breaker_table_covers_every_state_and_signal_and_no_probe_stays_half_open():
+    states = (rinha.CLOSED, rinha.OPEN, rinha.HALF_OPEN)
+    assert set(rinha.BREAKER_TRANSITIONS) == {(s, g) for s in states for g in BREAKER_SIGNALS}
+    for state in states:
+        for signal in BREAKER_SIGNALS:
+            breaker = rinha.Breaker()
+            breaker.state, breaker.retry_at = state, 5.0
+            breaker.observe(signal, 10.0)
+            if state is rinha.HALF_OPEN and signal in (rinha.SUCCESS, rinha.FAILURE, rinha.NEUTRAL):
+                assert breaker.state is not rinha.HALF_OPEN  # the probe's answer always decides
+            if breaker.state is rinha.OPEN:  # an open breaker always has its next probe set
+                assert breaker.retry_at >= 5.0 and breaker.allows(breaker.retry_at)
+            assert (breaker.state is rinha.CLOSED) == (signal is rinha.SUCCESS or (
+                state is rinha.CLOSED and signal in (rinha.FAILURE, rinha.NEUTRAL, rinha.REPORTED_OK)))
+
+
+def test_the_breaker_opens_after_consecutive_failures_and_lets_one_probe_through():
     breaker = rinha.Breaker()
     for _ in range(rinha.BREAKER_FAILURES):
         assert breaker.allows(0.0)
-        breaker.failed_once(0.0)
-    assert breaker.state == rinha.OPEN and not breaker.allows(0.0)
+        breaker.observe(rinha.FAILURE, 0.0)
+    assert breaker.state is rinha.OPEN and not breaker.allows(0.0)
     later = rinha.BREAKER_RETRY_S + 0.01
-    assert breaker.allows(later) and breaker.state == rinha.HALF_OPEN
+    assert breaker.allows(later) and breaker.state is rinha.HALF_OPEN
     assert not breaker.allows(later)  # one probe at a time
-    breaker.failed_once(later)
-    assert breaker.state == rinha.OPEN
+    breaker.observe(rinha.FAILURE, later)
+    assert breaker.state is rinha.OPEN and breaker.down_for(later) == later
     assert breaker.allows(later * 3)
-    breaker.succeeded()
-    assert breaker.state == rinha.CLOSED and breaker.allows(later * 3)
+    breaker.observe(rinha.SUCCESS, later * 3)
+    assert breaker.state is rinha.CLOSED and breaker.down_for(later * 4) == 0.0
 
 
 def test_health_reports_open_a_closed_breaker_and_hasten_a_probe():
     breaker = rinha.Breaker()
-    breaker.observe_health(True, 10.0)
-    assert breaker.state == rinha.OPEN and not breaker.allows(10.0)
-    breaker.observe_health(False, 10.0)
+    breaker.observe(rinha.REPORTED_FAILING, 10.0)
+    assert breaker.state is rinha.OPEN and not breaker.allows(10.0)
+    breaker.observe(rinha.REPORTED_OK, 10.0)
     assert breaker.allows(10.0)
 
 
-def test_router_holds_payments_while_default_is_down_until_the_hold_time():
+def settled(state, outcome, journal_path):
+    """A pipeline after one attempt of payment seq 7 ended in `outcome`, from `state`."""
+    async def run():
+        pipeline = rinha.Pipeline(rinha.Journal(str(journal_path)), rinha.Ledger())
+        pipeline.journal.open_compacted(pipeline.ledger, {})
+        pipeline.running = False  # no attempt starts: only the transition is observed
+        payment = (7, b"cid", 1990, 1000)
+        pipeline.backlog.unsettled = 1
+        if state is rinha.PINNED:
+            pipeline.backlog.pins[7] = (rinha.DEFAULT, 555, 1.0)
+        pipeline.settle(payment, pipeline.lanes[rinha.DEFAULT], state, outcome, 555)
+        return pipeline, payment
+    return asyncio.run(run())
+
+
+def test_the_payment_table_covers_every_state_and_outcome_and_settle_applies_it(tmp_path):
+    pairs = [(s, o) for s in (rinha.QUEUED, rinha.PINNED) for o in rinha.ATTEMPT_OUTCOMES]
+    pairs += [(rinha.PINNED, o) for o in rinha.LOOKUP_OUTCOMES]
+    assert sorted(rinha.PAYMENT_TRANSITIONS) == sorted(pairs)
+    for state, outcome in pairs:
+        after, signal = rinha.PAYMENT_TRANSITIONS[state, outcome]
+        journal = tmp_path / f"{state}-{outcome}".replace(" ", "_").replace(",", "")
+        pipeline, payment = settled(state, outcome, journal)
+        backlog, breaker = pipeline.backlog, pipeline.lanes[rinha.DEFAULT].breaker
+        last = journal.read_bytes().splitlines()[-1] if journal.read_bytes() else b""
+        settled_now = after in (rinha.CONFIRMED, rinha.NOT_OURS)
+        assert backlog.unsettled == (0 if settled_now else 1), (state, outcome)
+        assert pipeline.ledger.window(rinha.DEFAULT, 555, 555) == ((1, 1990) if after is rinha.CONFIRMED else (0, 0))
+        assert last == {rinha.CONFIRMED: b"C 7 0 555 1990", rinha.NOT_OURS: b"X 7", rinha.QUEUED: b"U 7",
+                        rinha.PINNED: b""}[after], (state, outcome)
+        assert (list(backlog.ready) == [payment]) == (after is rinha.QUEUED)
+        assert (list(backlog.pinned[rinha.DEFAULT]) == [payment]) == (after is rinha.PINNED)
+        if after is rinha.PINNED:
+            processor, requested, settle_from = backlog.pins[7]
+            assert (processor, requested) == (rinha.DEFAULT, 555)
+            restarted = state is rinha.QUEUED or outcome in rinha.MAY_LAND_LATER
+            assert (settle_from > 1.0) == restarted, (state, outcome)  # from the latest attempt
+        else:
+            assert not backlog.pins
+        assert (breaker.failures == 1) == (signal is rinha.FAILURE)
+        assert (breaker.failing_since is None) == (signal is not rinha.FAILURE)
+
+
+def test_only_answers_that_cannot_have_stored_free_a_payment_and_only_proof_confirms_it():
+    for (state, outcome), (after, _) in rinha.PAYMENT_TRANSITIONS.items():
+        if outcome in (rinha.ANSWER_LOST, rinha.CRASHED, rinha.STORED_UNREAD, rinha.UNCHECKED):
+            assert after is rinha.PINNED, (state, outcome)  # may be stored: never elsewhere
+        if after is rinha.QUEUED and state is rinha.PINNED:
+            assert outcome is rinha.ABSENT  # only a settled lookup frees a pinned payment
+        assert (after is rinha.CONFIRMED) == (outcome in (rinha.OK, rinha.STORED_OURS, rinha.FOUND_OURS))
+
+
+def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_fallback():
     pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
-    default = pipeline.breakers[rinha.DEFAULT]
-    default.state, default.retry_at = rinha.OPEN, 100.0
-    fresh_payment = (b"id", 100, rinha.now_ms())
-    old_payment = (b"id", 100, rinha.now_ms() - int(rinha.FALLBACK_HOLD_S * 1000) - 1)
-    assert pipeline.choose(fresh_payment, 1.0) is None
-    assert pipeline.choose(old_payment, 1.0) == rinha.FALLBACK
-    pipeline.pins[b"id"] = (rinha.DEFAULT, 5)  # may have landed on default: never elsewhere
-    assert pipeline.choose(old_payment, 1.0) is None
-    assert pipeline.choose(old_payment, 100.0) == rinha.DEFAULT
+    default, fallback = pipeline.lanes
+    now = 1000.0
+    assert pipeline.route(now) is default
+    default.in_flight = default.limit  # busy, however slow: never a reason to switch
+    assert pipeline.route(now) is None
+    default.in_flight = 0
+    default.breaker.state, default.breaker.retry_at = rinha.OPEN, now + 10
+    default.breaker.failing_since = now - rinha.FALLBACK_AFTER_S + 1
+    assert pipeline.route(now) is None  # down, not for long yet
+    default.breaker.failing_since = now - rinha.FALLBACK_AFTER_S
+    assert pipeline.route(now) is fallback
+    fallback.breaker.state, fallback.breaker.retry_at = rinha.OPEN, now + 10
+    assert pipeline.route(now) is None  # both down: hold
+
+
+def test_the_in_flight_limit_follows_latency_between_its_bounds_and_halves_on_429():
+    lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9")
+    assert lane.limit == rinha.IN_FLIGHT_MIN
+    for _ in range(50):
+        lane.answered(0.001)  # a millisecond: a few in flight carry FORWARD_RATE
+    assert lane.limit == max(rinha.IN_FLIGHT_MIN, math.ceil(rinha.FORWARD_RATE * lane.latency))
+    for _ in range(1000):
+        lane.answered(1.0)
+    assert lane.limit == rinha.IN_FLIGHT_CAP
+    lane.throttled()
+    assert lane.limit == rinha.IN_FLIGHT_CAP // 2
+    lane.answered(1.0)
+    assert lane.limit == rinha.IN_FLIGHT_CAP // 2 + 1  # grows back one per answer
 
 
 def test_two_instances_polling_health_never_draw_a_429_and_see_failure_and_recovery(tmp_path):
@@ -748,7 +856,7 @@ def test_a_slow_default_is_waited_for_not_replaced_by_the_fallback(fresh, tmp_pa
         instance.process.stop()
 
 
-def test_a_failing_default_is_waited_for_within_the_hold_time_then_drained(fresh, tmp_path):
+def test_a_failing_default_is_waited_for_within_fallback_after_s_then_drained(fresh, tmp_path):
     default, fallback = fresh
     default.configure(failure=True)
     instance = Instance(tmp_path, "api1", default, fallback)
@@ -765,15 +873,27 @@ def test_a_failing_default_is_waited_for_within_the_hold_time_then_drained(fresh
         instance.process.stop()
 
 
-def test_payments_held_longer_than_the_hold_time_go_to_the_fallback(fresh, tmp_path):
+def test_a_default_down_longer_than_fallback_after_s_hands_everything_to_the_fallback_until_it_recovers(
+        fresh, tmp_path):
     default, fallback = fresh
     default.configure(failure=True)
-    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_HOLD_S=1)
+    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_AFTER_S=1)
     try:
         assert len(pay_many(instance, 50)) == 50
+        time.sleep(0.5)
+        assert fallback.summary()["totalRequests"] == 0  # not yet: the default may come back
         assert wait_until(lambda: drained(instance), timeout=10)
-        mine = assert_ledger_matches(instance, default, fallback)
-        assert mine["fallback"]["totalRequests"] == 50
+        assert len(pay_many(instance, 20)) == 20  # still down: new payments go straight there
+        assert wait_until(lambda: drained(instance), timeout=5)
+        assert fallback.summary()["totalRequests"] == 70
+        default.configure(failure=False)
+        time.sleep(rinha.BREAKER_RETRY_S * 2)
+        assert instance.pay()[0] == 202  # the next probe of the default carries this one
+        assert wait_until(lambda: drained(instance) and instance.health()["default"]["breaker"] == rinha.CLOSED)
+        assert len(pay_many(instance, 20)) == 20  # back: the default takes them again
+        assert wait_until(lambda: drained(instance), timeout=5)
+        assert default.summary()["totalRequests"] == 21
+        assert_ledger_matches(instance, default, fallback)
     finally:
         instance.process.stop()
 
@@ -815,7 +935,7 @@ def test_both_processors_down_holds_everything_and_loses_nothing(fresh, tmp_path
     default, fallback = fresh
     default.configure(failure=True)
     fallback.configure(failure=True)
-    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_HOLD_S=0.5)
+    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_AFTER_S=0.5)
     try:
         accepted = pay_many(instance, 80)
         time.sleep(1.5)
@@ -833,16 +953,19 @@ def test_a_timed_out_attempt_is_retried_on_the_same_processor_and_counted_once(t
     # Own processors: abandoned attempts still sleeping in them must not land in other tests.
     default, fallback = Processor("0.05"), Processor("0.15")
     default.configure(delay=800)
-    instance = Instance(tmp_path, "api1", default, fallback, PROCESSOR_TIMEOUT_S=0.3, FALLBACK_HOLD_S=0.5)
+    instance = Instance(tmp_path, "api1", default, fallback, PROCESSOR_TIMEOUT_S=0.3, FALLBACK_AFTER_S=0.5)
     try:
         accepted = pay_many(instance, 20, threads=4)
         assert wait_until(lambda: instance.health()["pinned"] > 0, timeout=5)
-        time.sleep(1.0)  # longer than the hold time: still nothing may go to the fallback
+        pinned = instance.health()["pinned"]
+        time.sleep(1.0)  # down longer than FALLBACK_AFTER_S: the unpinned ones may go to the fallback
         default.configure(delay=0)
         assert wait_until(lambda: drained(instance), timeout=15)
+        time.sleep(1.0)  # abandoned attempts still inside the emulator land by now
         mine = assert_ledger_matches(instance, default, fallback)
-        assert mine["default"]["totalRequests"] == 20 and mine["fallback"]["totalRequests"] == 0
-        assert all(default.stored(cid) for cid in accepted)
+        assert mine["default"]["totalRequests"] >= pinned  # a pinned payment never goes elsewhere
+        assert mine["default"]["totalRequests"] + mine["fallback"]["totalRequests"] == 20
+        assert all(default.stored(cid) != fallback.stored(cid) for cid in accepted)  # once, in one place
     finally:
         instance.process.stop()
         default.process.stop()
@@ -865,8 +988,10 @@ def test_a_duplicate_correlation_id_is_forwarded_once_and_counted_once(fresh, tm
 
 
 class ScriptedProcessor:
-    """A fake processor for what the emulator cannot do on demand: per attempt it answers
-    429, or stores the payment and drops the connection, or drops it without storing."""
+    """A fake processor for what the emulator cannot do on demand. Per attempt, from its
+    script: "ok", "429", "500", "422" (without storing), "drop" (close without storing),
+    "store-and-drop", "late:S" (store S seconds later, never answer), or
+    "drop-then-another-client-stores-it". After the script, "ok". stop() refuses connections."""
 
     def __init__(self, script):
         self.script = list(script)
@@ -875,6 +1000,9 @@ class ScriptedProcessor:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         threading.Thread(target=self.accept, daemon=True).start()
+
+    def stop(self):
+        self.server.close()
 
     def accept(self):
         while True:
@@ -907,9 +1035,13 @@ class ScriptedProcessor:
                 payment = json.loads(body)
                 self.attempts += 1
                 action = self.script.pop(0) if self.script else "ok"
-                if action == "429":
-                    connection.sendall(b"HTTP/1.1 429 Too Many\r\nContent-Length: 0\r\n\r\n")
+                if action in ("429", "500", "422"):
+                    connection.sendall(b"HTTP/1.1 %s Scripted\r\nContent-Length: 0\r\n\r\n" % action.encode())
                     continue
+                if action.startswith("late:"):
+                    threading.Timer(float(action[5:]), self.stored.setdefault,
+                                    (payment["correlationId"], payment)).start()
+                    return
                 if action == "drop":
                     return
                 if action == "drop-then-another-client-stores-it":
@@ -928,7 +1060,7 @@ class ScriptedProcessor:
 def test_429s_and_dropped_connections_before_or_after_storing_count_each_payment_once(fresh, tmp_path):
     _, fallback = fresh
     scripted = ScriptedProcessor(["429", "drop", "store-and-drop", "429", "store-and-drop", "drop"])
-    instance = Instance(tmp_path, "api1", scripted, fallback, WORKERS=1, BREAKER_RETRY_S=0.05)
+    instance = Instance(tmp_path, "api1", scripted, fallback, IN_FLIGHT_CAP=1, BREAKER_RETRY_S=0.05)
     try:
         cids = [instance.pay()[1] for _ in range(4)]
         assert wait_until(lambda: drained(instance), timeout=10)
@@ -946,11 +1078,106 @@ def test_429s_and_dropped_connections_before_or_after_storing_count_each_payment
 def test_a_pinned_payment_stored_meanwhile_by_another_request_is_not_counted(fresh, tmp_path):
     _, fallback = fresh
     scripted = ScriptedProcessor(["drop-then-another-client-stores-it"])
-    instance = Instance(tmp_path, "api1", scripted, fallback, WORKERS=1, BREAKER_RETRY_S=0.05)
+    instance = Instance(tmp_path, "api1", scripted, fallback, IN_FLIGHT_CAP=1, BREAKER_RETRY_S=0.05)
     try:
         instance.pay()
         assert wait_until(lambda: drained(instance) and instance.health()["duplicates"] == 1, timeout=10)
         assert instance.summary()["default"]["totalRequests"] == 0
+    finally:
+        instance.process.stop()
+
+
+def test_a_probe_answered_422_closes_the_breaker_instead_of_leaving_it_half_open(fresh, tmp_path):
+    # Issue 8: a half-open probe that ended in a 422 left the breaker half-open for good.
+    _, fallback = fresh
+    scripted = ScriptedProcessor(["500", "500", "500", "422"])
+    instance = Instance(tmp_path, "api1", scripted, fallback, BREAKER_RETRY_S=0.05)
+    try:
+        instance.pay()
+        assert wait_until(lambda: scripted.attempts >= 4, timeout=5)
+        cids = [instance.pay()[1] for _ in range(10)]
+        assert wait_until(lambda: all(cid in scripted.stored for cid in cids), timeout=5), scripted.attempts
+        assert fallback.summary()["totalRequests"] == 0
+    finally:
+        instance.process.stop()
+
+
+def test_a_default_refusing_connections_pins_nothing_and_the_fallback_takes_over(fresh, tmp_path):
+    # Issue 8: "connection refused" pinned payments as if sent, and one held payment at the
+    # head of the queue kept every worker busy: nothing reached the fallback.
+    _, fallback = fresh
+    closed = type("Address", (), {"url": f"http://127.0.0.1:{free_port()}"})
+    instance = Instance(tmp_path, "api1", closed, fallback, FALLBACK_AFTER_S=0.5)
+    try:
+        accepted = pay_many(instance, 100)
+        assert wait_until(lambda: drained(instance), timeout=10), instance.health()
+        assert instance.health()["pinned"] == 0
+        assert fallback.summary()["totalRequests"] == 100
+        assert all(fallback.stored(cid) for cid in accepted)
+    finally:
+        instance.process.stop()
+
+
+def test_a_payment_pinned_to_an_unreachable_fallback_does_not_hold_up_the_default(fresh, tmp_path):
+    # Issue 8: a pinned payment at the head of the queue stalled every payment behind it.
+    default, _ = fresh
+    default.configure(failure=True)
+    scripted = ScriptedProcessor(["drop"] * 1000)
+    # One attempt at a time per processor (WORKERS=1 in the worker pool this replaced).
+    instance = Instance(tmp_path, "api1", default, scripted, FALLBACK_AFTER_S=0.3,
+                        BREAKER_RETRY_S=0.05, IN_FLIGHT_CAP=1)
+    try:
+        instance.pay()
+        assert wait_until(lambda: instance.health()["pinned"] == 1, timeout=5)
+        scripted.stop()  # the fallback now refuses connections; the pinned payment must wait
+        default.configure(failure=False)
+        cids = [instance.pay()[1] for _ in range(20)]
+        assert wait_until(lambda: all(default.stored(cid) for cid in cids), timeout=5), instance.health()
+        assert instance.health()["pinned"] == 1
+    finally:
+        instance.process.stop()
+
+
+def test_a_pin_settles_from_its_latest_attempt_and_a_found_payment_is_confirmed(fresh, tmp_path):
+    # Issue 8: the settle time ran from the first attempt, so a retry still inside the
+    # processor could be declared absent and sent to the fallback too (twice forwarded);
+    # and a GET that found the payment confirmed nothing.
+    _, fallback = fresh
+    scripted = ScriptedProcessor(["drop", "late:1.5"] + ["500"] * 1000)
+    instance = Instance(tmp_path, "api1", scripted, fallback, PIN_SETTLE_S=2, BREAKER_RETRY_S=1,
+                        BREAKER_FAILURES=1, PROCESSOR_TIMEOUT_S=0.3, FALLBACK_AFTER_S=0.5)
+    try:
+        _, cid = instance.pay()
+        assert wait_until(lambda: cid in scripted.stored, timeout=5)
+        assert wait_until(lambda: drained(instance) and instance.health()["pinned"] == 0, timeout=10)
+        assert not fallback.stored(cid)
+        assert instance.summary()["default"]["totalRequests"] == 1
+        assert instance.summary()["fallback"]["totalRequests"] == 0
+    finally:
+        instance.process.stop()
+
+
+def test_an_unexpected_exception_in_an_attempt_strands_no_payment(fresh, tmp_path):
+    # Issue 8: an exception other than OSError/RuntimeError/ValueError ended a worker for
+    # good, with the payment it held. Injected: the first request body cannot be built.
+    default, fallback = fresh
+    instance = Instance.__new__(Instance)
+    instance.__init__(tmp_path, "api1", default, fallback, IN_FLIGHT_CAP=1)
+    instance.process.stop()
+    instance.start(code="import rinha\n"
+                        "real, calls = rinha.cents_text, []\n"
+                        "def flaky(cents):\n"
+                        "    calls.append(cents)\n"
+                        "    if len(calls) == 1:\n"
+                        "        raise TypeError('injected')\n"
+                        "    return real(cents)\n"
+                        "rinha.cents_text = flaky\n"
+                        "rinha.main()\n")
+    try:
+        accepted = [instance.pay()[1] for _ in range(5)]
+        assert wait_until(lambda: drained(instance), timeout=10), instance.health()
+        assert all(default.stored(cid) for cid in accepted)
+        assert_ledger_matches(instance, default, fallback)
     finally:
         instance.process.stop()
 

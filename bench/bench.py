@@ -253,8 +253,8 @@ def run_micro(args):
             "FALLBACK_PROCESSOR_URL": f"http://127.0.0.1:{processor_ports[1]}",
             "JOURNAL_PATH": str(tmp / "micro.journal"),
             # The front alone, as the Starlette app does: accept, validate, journal, queue.
-            # No workers forward during the measurement (forwarding is in the scenario's CPU).
-            "WORKERS": "0", "QUEUE_CAPACITY": "1000000", "HEALTH_INTERVAL_S": "0",
+            # Nothing is forwarded during the measurement (forwarding is in the scenario's CPU).
+            "IN_FLIGHT_CAP": "0", "QUEUE_CAPACITY": "1000000", "HEALTH_INTERVAL_S": "0",
         })
         rinha = start("rinha", [python, str(RINHA)], env)
         wait_port(rinha_port, rinha, "rinha.py")

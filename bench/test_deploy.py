@@ -319,7 +319,7 @@ MUTATIONS = [
     ("restart-missing", _drop_service_line("api2", r"^    restart: .*\n"), check_restart_policy),
     ("instance-renamed", _rename_service("api2", "api3"), check_matches_arena),
     ("instance-env-key-missing", _drop_service_line("api2", r"^      JOURNAL_PATH: .*\n"), check_matches_arena),
-    ("knob-on-one-instance", _sub(r"^(      INSTANCE_ID: api1\n)", r'\g<1>      WORKERS: "8"\n'), check_matches_arena),
+    ("knob-on-one-instance", _sub(r"^(      INSTANCE_ID: api1\n)", r'\g<1>      IN_FLIGHT_CAP: "8"\n'), check_matches_arena),
     ("same-journal", _sub(r"/data/api2\.journal", "/data/api1.journal"), check_matches_arena),
     ("peers-wrong", _sub(r"PEERS: unix:/sockets/api2.sock", "PEERS: unix:/sockets/api1.sock"), check_matches_arena),
     ("lb-env-key-missing", _drop_service_line(arena.LB_SERVICE, r"^      SOCKET_DIR: .*\n"), check_matches_arena),

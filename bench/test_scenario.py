@@ -29,9 +29,9 @@ if str(BENCH) not in sys.path:
 
 
 def fallback_hold_s():
-    """rinha.py's default FALLBACK_HOLD_S (how long a payment waits for the default before the
-    fallback may take it), or None when rinha.py does not define one."""
-    match = re.search(r'FALLBACK_HOLD_S\s*=\s*env_float\("FALLBACK_HOLD_S",\s*([0-9.]+)\)',
+    """rinha.py's default FALLBACK_AFTER_S (how long the default must have been failing before
+    the fallback may take payments), or None when rinha.py does not define one."""
+    match = re.search(r'FALLBACK_AFTER_S\s*=\s*env_float\("FALLBACK_AFTER_S",\s*([0-9.]+)\)',
                       (REPO / "rinha.py").read_text())
     return float(match.group(1)) if match else None
 
@@ -126,7 +126,7 @@ def test_no_fallback_for_an_outage_shorter_than_the_hold(scenario):
     phases = json.loads(PHASES.read_text())
     failing = [p["at_s"] for p in phases if p["default"]["failure"]]
     if hold is None:
-        pytest.skip("rinha.py has no FALLBACK_HOLD_S")
+        pytest.skip("rinha.py has no FALLBACK_AFTER_S")
     outage = 0.0
     for i, p in enumerate(phases):
         if p["default"]["failure"]:
