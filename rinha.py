@@ -76,6 +76,8 @@ MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 16384)
 MAX_CONNECTIONS = env_int("MAX_CONNECTIONS", 2048)
 READ_TIMEOUT_S = env_float("READ_TIMEOUT_S", 10.0)
 IDLE_TIMEOUT_S = env_float("IDLE_TIMEOUT_S", 600.0)
+LINGER_S = env_float("LINGER_S", 2.0)
+LINGER_BYTES = env_int("LINGER_BYTES", 4 << 20)
 MAX_AMOUNT = Decimal(env_str("MAX_AMOUNT", "1000000000"))
 MAX_AMOUNT_CENTS = int(MAX_AMOUNT * 100)
 
@@ -95,7 +97,6 @@ def log(message):
 # ---------------------------------------------------------------------------
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-CENT = Decimal("0.01")
 UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _second_text = [-1, b""]  # cache: the formatted second changes once a second, not once a payment
 
@@ -126,7 +127,9 @@ def parse_iso_ms(text, round_up):
 
 def amount_to_cents(value):
     """A JSON number -> cents, rounded half to even as the processors store amounts;
-    None if it is not a finite number. The float's shortest repr is the decimal read."""
+    None if it is not a finite number. The float's shortest repr is the decimal read.
+    Exact at any magnitude (1e308 included): a repr has at most 17 digits, so shifting it
+    two places stays within Decimal's precision, and rounding to an integer has no limit."""
     if type(value) is int:
         return value * 100
     if type(value) is not float or value != value or value in (float("inf"), float("-inf")):
@@ -136,7 +139,7 @@ def amount_to_cents(value):
     if "e" not in text and len(fraction) <= 2:
         sign = -1 if whole.startswith("-") else 1
         return int(whole) * 100 + sign * int(fraction.ljust(2, "0"))
-    return int(Decimal(text).quantize(CENT, ROUND_HALF_EVEN) * 100)
+    return int(Decimal(text).scaleb(2).to_integral_value(ROUND_HALF_EVEN))
 
 
 def cents_text(cents):
@@ -264,10 +267,10 @@ class PeerUnavailable(HttpError):
 
 class Request:
     """A parsed request head. One per request; the body is attached by the server."""
-    __slots__ = ("method", "path", "query", "keep_alive", "length", "token")
+    __slots__ = ("line", "method", "path", "query", "keep_alive", "length", "token")
 
-    def __init__(self, method, path, query, keep_alive, length, token):
-        self.method, self.path, self.query = method, path, query
+    def __init__(self, line, method, path, query, keep_alive, length, token):
+        self.line, self.method, self.path, self.query = line, method, path, query
         self.keep_alive, self.length, self.token = keep_alive, length, token
 
 
@@ -324,7 +327,7 @@ def parse_head(head):
     if length > MAX_BODY_BYTES:
         raise BodyTooLarge(f"body over {MAX_BODY_BYTES} bytes")
     path, _, query = target.partition(b"?")
-    return Request(method, path, query, keep_alive, length, token)
+    return Request(lines[0], method, path, query, keep_alive, length, token)
 
 
 def parse_payment(body):
@@ -1239,7 +1242,7 @@ class Server:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("server", "transport", "buffer", "head", "request_since", "active_at",
-                 "busy", "paused_since")
+                 "busy", "paused_since", "linger", "discarded")
 
     def __init__(self, server):
         self.server = server
@@ -1250,16 +1253,13 @@ class HttpConnection(asyncio.Protocol):
         self.active_at = time.monotonic()
         self.busy = False  # an asynchronous answer is being prepared
         self.paused_since = 0.0
+        self.linger = None  # once the last answer is written: the timer that ends the close
+        self.discarded = 0  # bytes read and dropped since then
 
     def connection_made(self, transport):
         self.transport = transport
         if len(self.server.connections) >= MAX_CONNECTIONS:
-            # Answer, then close once the request is read (closing on unread bytes resets
-            # the connection and the client could lose the answer), or after a second.
-            self.busy = True
-            transport.write(Unavailable("too many connections").response(close=True))
-            asyncio.get_running_loop().call_later(1.0, transport.close)
-            return
+            return self.close_after(Unavailable("too many connections").response(close=True))
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -1268,6 +1268,8 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc):
         self.server.connections.discard(self)
         self.buffer.clear()
+        if self.linger is not None:
+            self.linger.cancel()
 
     def pause_writing(self):
         self.paused_since = time.monotonic()
@@ -1279,8 +1281,11 @@ class HttpConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data):
-        if self not in self.server.connections:  # refused in connection_made
-            return self.transport.close()
+        if self.linger is not None:  # answered for the last time: drop what still comes
+            self.discarded += len(data)
+            if self.discarded > LINGER_BYTES:
+                self.transport.abort()
+            return
         self.buffer += data
         self.active_at = time.monotonic()
         if not self.request_since:
@@ -1291,28 +1296,32 @@ class HttpConnection(asyncio.Protocol):
     def process(self):
         """Answer every complete request in the buffer, in order."""
         buffer = self.buffer
-        while buffer and not self.transport.is_closing():
-            request = self.head
-            if request is None:
-                end = buffer.find(b"\r\n\r\n")
-                if end < 0 or end > MAX_HEADER_BYTES:
-                    if end > MAX_HEADER_BYTES or len(buffer) > MAX_HEADER_BYTES + 3:
-                        return self.refuse(HeadersTooLarge(f"request head over {MAX_HEADER_BYTES} bytes"))
+        request = None
+        try:
+            while buffer and not self.transport.is_closing():
+                request = self.head
+                if request is None:
+                    end = buffer.find(b"\r\n\r\n")
+                    if end < 0 or end > MAX_HEADER_BYTES:
+                        if end > MAX_HEADER_BYTES or len(buffer) > MAX_HEADER_BYTES + 3:
+                            return self.refuse(HeadersTooLarge(f"request head over {MAX_HEADER_BYTES} bytes"))
+                        return
+                    try:
+                        request = parse_head(bytes(buffer[:end]))
+                    except HttpError as error:
+                        return self.refuse(error)
+                    del buffer[:end + 4]
+                    self.head = request
+                if len(buffer) < request.length:
                     return
-                try:
-                    request = parse_head(bytes(buffer[:end]))
-                except HttpError as error:
-                    return self.refuse(error)
-                del buffer[:end + 4]
-                self.head = request
-            if len(buffer) < request.length:
-                return
-            body = bytes(buffer[:request.length])
-            del buffer[:request.length]
-            self.head = None
-            self.request_since = self.active_at if buffer else 0.0  # the next one began
-            if not self.dispatch(request, body):
-                return  # an asynchronous answer will resume processing
+                body = bytes(buffer[:request.length])
+                del buffer[:request.length]
+                self.head = None
+                self.request_since = self.active_at if buffer else 0.0  # the next one began
+                if not self.dispatch(request, body):
+                    return  # an asynchronous answer will resume processing
+        except Exception as error:  # the protocol's boundary: a bug costs this connection only
+            self.fail(error, request.line if request else bytes(buffer[:200]).partition(b"\r\n")[0])
 
     def dispatch(self, request, body):
         """Answer one request; False if the answer is asynchronous (reading paused)."""
@@ -1335,7 +1344,7 @@ class HttpConnection(asyncio.Protocol):
         return self.answer(ACCEPTED[not keep], keep)
 
     def get_summary(self, request, body, keep):
-        return self.answer_later(self.server.summary(request), keep)
+        return self.answer_later(self.server.summary(request), request, keep)
 
     def get_local_summary(self, request, body, keep):
         window = dict(parse_qsl(request.query.decode("latin-1")))
@@ -1347,7 +1356,7 @@ class HttpConnection(asyncio.Protocol):
         return self.answer(response(b"200 OK", text, b"text/plain", close=not keep), keep)
 
     def post_purge(self, request, body, keep):
-        return self.answer_later(self.server.purge(request), keep, PURGED)
+        return self.answer_later(self.server.purge(request), request, keep, PURGED)
 
     def post_local_purge(self, request, body, keep):
         if not PURGE_TOKEN or request.token != PURGE_TOKEN.encode():
@@ -1359,20 +1368,20 @@ class HttpConnection(asyncio.Protocol):
         return self.answer(response(b"200 OK", self.server.health(), close=not keep), keep)
 
     def answer(self, data, keep):
-        self.transport.write(data)
         if not keep:
-            self.transport.close()
+            self.close_after(data)
             return False
+        self.transport.write(data)
         return True
 
-    def answer_later(self, work, keep, fixed=None):
+    def answer_later(self, work, request, keep, fixed=None):
         self.busy = True
         self.transport.pause_reading()
         task = asyncio.ensure_future(work)
-        task.add_done_callback(lambda done: self.finish_later(done, keep, fixed))
+        task.add_done_callback(lambda done: self.finish_later(done, request, keep, fixed))
         return False
 
-    def finish_later(self, task, keep, fixed):
+    def finish_later(self, task, request, keep, fixed):
         self.busy = False
         if self.transport.is_closing():
             return
@@ -1382,9 +1391,8 @@ class HttpConnection(asyncio.Protocol):
         elif isinstance(error, HttpError):
             data = error.response(not keep)
             keep = keep and not error.closes
-        else:  # a bug, not the client's fault: say so, log it, and close
-            log(f"internal error: {error!r}")
-            data, keep = response(b"500 Internal Server Error", error_body("internal error"), close=True), False
+        else:  # a bug, not the client's fault
+            return self.fail(error, request.line)
         if self.answer(data, keep):
             if not self.paused_since:
                 self.transport.resume_reading()
@@ -1392,12 +1400,37 @@ class HttpConnection(asyncio.Protocol):
 
     def refuse(self, error):
         """A framing error: answer it and close; nothing of the stream is trusted after it."""
+        self.close_after(error.response(close=True))
+
+    def fail(self, error, line):
+        """A bug, not the client's fault: log it once with the request's first line and
+        where it was raised, answer 500 and close this connection only."""
+        frame = error.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        where = f" at line {frame.tb_lineno} in {frame.tb_frame.f_code.co_name}" if frame else ""
+        log(f"internal error{where} on {line[:200]!r}: {error!r}")
+        self.close_after(response(b"500 Internal Server Error", error_body("internal error"), close=True))
+
+    def close_after(self, data):
+        """Write the last answer, then a lingering close: shut our sending side and drop
+        what the client still sends (up to LINGER_BYTES, for LINGER_S) before closing, as
+        closing on unread bytes would reset the connection and lose the answer."""
+        transport = self.transport
+        if self.linger is not None or transport.is_closing():
+            return
         self.head = None
         self.buffer.clear()
-        self.transport.write(error.response(close=True))
-        self.transport.close()
+        transport.write(data)
+        if not transport.can_write_eof():
+            return transport.close()
+        transport.write_eof()
+        transport.resume_reading()
+        self.linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
 
     def check_deadline(self, now):
+        if self.linger is not None:
+            return  # its own timer ends it
         if self.request_since and now - self.request_since > READ_TIMEOUT_S and not self.busy:
             self.refuse(RequestTimeout(f"request not received within {READ_TIMEOUT_S} s"))
         elif self.paused_since and now - self.paused_since > READ_TIMEOUT_S:

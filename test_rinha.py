@@ -3,6 +3,7 @@ real: rinha.py as a process on real sockets, against the processor emulator
 (bench/processor.py). Only connection resets and 429s on demand come from a scripted fake."""
 import array
 import asyncio
+import decimal
 import http.client
 import json
 import math
@@ -18,8 +19,9 @@ import uuid
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
+import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import rinha
@@ -105,11 +107,13 @@ class Processor:
 
 
 class Instance:
-    """rinha.py on a free port (and optionally a unix socket), journal in a temp dir."""
+    """rinha.py on a free port (and optionally a unix socket), journal in a temp dir;
+    `code`, if given, is run instead (it imports rinha, patches it and calls rinha.main())."""
 
-    def __init__(self, tmp, name="api1", default=None, fallback=None, port=None, **env):
+    def __init__(self, tmp, name="api1", default=None, fallback=None, port=None, code=None, **env):
         self.port = port or free_port()
         self.name = name
+        self.args = [PYTHON, "-c", code] if code else [PYTHON, str(ROOT / "rinha.py")]
         self.journal = str(tmp / f"{name}.journal")
         self.env = {"LISTEN": f"127.0.0.1:{self.port}", "INSTANCE_ID": name, "JOURNAL_PATH": self.journal,
                     "DEFAULT_PROCESSOR_URL": default.url if default else "http://127.0.0.1:9",
@@ -118,10 +122,8 @@ class Instance:
                     **{key: str(value) for key, value in env.items()}}
         self.start()
 
-    def start(self, code=None):
-        """code: Python run instead of rinha.py's main (to inject a fault), ending in main()."""
-        argv = [PYTHON, "-c", code] if code else [PYTHON, str(ROOT / "rinha.py")]
-        self.process = Process(argv, "listening on", self.env)
+    def start(self):
+        self.process = Process(self.args, "listening on", self.env)
 
     def health(self):
         return json.loads(call(self.port, "GET", "/health")[2])
@@ -134,6 +136,35 @@ class Instance:
     def pay(self, cid=None, amount=19.90):
         cid = cid or str(uuid.uuid4())
         return call(self.port, "POST", "/payments", {"correlationId": cid, "amount": amount})[0], cid
+
+
+class Balancer:
+    """haproxy with the repository's haproxy.cfg on a free port, in front of the unix sockets
+    api1.sock and api2.sock in socket_dir (installed with apt-get if missing, as make run does)."""
+
+    def __init__(self, socket_dir):
+        sys.path.insert(0, str(ROOT / "bench"))
+        try:
+            import arena
+        finally:
+            sys.path.remove(str(ROOT / "bench"))
+        self.port = free_port()
+        env = {**os.environ, "LB_HOST": "127.0.0.1", "LB_PORT": str(self.port), "SOCKET_DIR": str(socket_dir)}
+        self.popen = subprocess.Popen([arena.ensure_lb_binary("haproxy"), "-db", "-f", str(ROOT / "haproxy.cfg")],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(lambda: self.answers(), timeout=10):
+            self.stop()
+            raise RuntimeError("haproxy not answering")
+
+    def answers(self):
+        try:
+            return call(self.port, "GET", "/health", timeout=1)[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def stop(self):
+        self.popen.terminate()
+        self.popen.wait(10)
 
 
 def call(port, method, path, body=None, headers=None, timeout=10):
@@ -256,6 +287,45 @@ def test_amount_to_cents_refuses_what_is_not_a_finite_number(value):
     assert rinha.amount_to_cents(value) is None
 
 
+@pytest.mark.parametrize("amount, cents", [
+    (1e27, 10**29), (1e308, 10**310), (-1e308, -10**310), (1.7976931348623157e308, 17976931348623157 * 10**294),
+    (1e-9, 0), (5e-324, 0), (0.004, 0), (0.005, 0), (0.015, 2), (19.999, 2000), (-0.0, 0), (-19.999, -2000),
+    (10**400, 10**402), (1000000000.01, 100000000001)])
+def test_amount_to_cents_is_exact_at_any_magnitude_and_precision(amount, cents):
+    assert rinha.amount_to_cents(amount) == cents
+
+
+def exact_cents(value):
+    """The reference: the number as written, times 100, rounded half to even, with room for 1e308."""
+    with decimal.localcontext(decimal.Context(prec=1000)):
+        return int((Decimal(repr(value)) * 100).to_integral_value(ROUND_HALF_EVEN))
+
+
+@given(st.one_of(st.floats(), st.integers(min_value=-10**500, max_value=10**500)))
+@example(1e27)
+def test_amount_to_cents_never_raises_and_is_exact_for_any_number(value):
+    cents = rinha.amount_to_cents(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        assert cents is None
+    else:
+        assert cents == exact_cents(value)
+
+
+# A JSON number as a client may write it: any sign, digits, fraction and exponent.
+JSON_NUMBERS = st.from_regex(r"\A-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,40})?([eE][-+]?[0-9]{1,4})?\Z")
+
+
+@given(JSON_NUMBERS)
+@example("1e27")
+@example("1" + "0" * 400)
+def test_amount_to_cents_never_raises_on_what_orjson_reads_from_any_json_number(text):
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:  # past the float range: parse_payment's "not valid JSON"
+        return
+    assert rinha.amount_to_cents(value) == exact_cents(value)
+
+
 @given(st.integers(min_value=-10**15, max_value=10**15))
 def test_cents_text_is_the_exact_two_decimal_json_number(cents):
     text = rinha.cents_text(cents)
@@ -319,6 +389,27 @@ def test_parse_payment_names_the_invalid_field(body, field):
     with pytest.raises(rinha.InvalidPayment) as caught:
         rinha.parse_payment(body)
     assert caught.value.field == field
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                           max_leaves=8)
+
+
+@given(st.one_of(JSON_NUMBERS, JSON_VALUES.map(json.dumps)))
+@example("1e27")
+@example("1e308")
+@example("-0.0")
+@example("19.999")
+@example("1e-9")
+@example("1" + "0" * 400)
+def test_parse_payment_raises_only_invalid_payment_for_any_amount(amount):
+    body = b'{"correlationId":"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3","amount":%s}' % amount.encode()
+    try:
+        cid, cents = rinha.parse_payment(body)
+    except rinha.InvalidPayment:
+        return
+    assert cid == b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3" and 0 < cents <= rinha.MAX_AMOUNT_CENTS
 
 
 def test_parse_payment_ignores_unknown_fields_and_normalises_cents():
@@ -476,6 +567,119 @@ def test_hundreds_of_idle_and_slow_clients_do_not_delay_a_normal_client(front):
     finally:
         for sock in idle + slow:
             sock.close()
+
+
+def statuses(answer):
+    return re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+
+
+def test_a_bad_amount_between_two_good_payments_is_400_and_both_are_accepted(front, processors):
+    good = [str(uuid.uuid4()), str(uuid.uuid4())]
+    bad = [b"1e27", b"1e308", b"-1e308", b"1e-9", b"0.004", b"-0.0", b"1" + b"0" * 400, b"1e400", b"1000000000.01"]
+    data = post(good[0])
+    for amount in bad:
+        body = b'{"correlationId":"%s","amount":%s}' % (str(uuid.uuid4()).encode(), amount)
+        data += b"POST /payments HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    answer = raw(front.port, data + post(good[1], b"Connection: close\r\n"), wait=3)
+    assert statuses(answer) == [b"202"] + [b"400"] * len(bad) + [b"202"]
+    assert wait_until(lambda: all(any(p.stored(cid) for p in processors) for cid in good))
+    assert "Fatal error" not in front.process.output()
+
+
+def test_an_exact_amount_with_more_decimals_is_accepted_rounded_half_to_even(front, processors):
+    cid = str(uuid.uuid4())
+    assert call(front.port, "POST", "/payments", b'{"correlationId":"%s","amount":19.999}' % cid.encode())[0] == 202
+    assert wait_until(lambda: any(p.stored(cid) for p in processors))
+    stored = [call(p.port, "GET", f"/payments/{cid}") for p in processors]
+    assert [json.loads(body)["amount"] for status, _, body in stored if status == 200] == [20.0]
+
+
+@pytest.fixture(scope="module")
+def balanced(processors, tmp_path_factory):
+    """An instance listening on a port and on both of haproxy.cfg's unix sockets, behind haproxy."""
+    tmp = tmp_path_factory.mktemp("lb")
+    port = free_port()
+    instance = Instance(tmp, "balanced", *processors, port=port,
+                        LISTEN=f"127.0.0.1:{port},unix:{tmp}/api1.sock,unix:{tmp}/api2.sock")
+    balancer = Balancer(tmp)
+    yield instance, balancer
+    balancer.stop()
+    instance.process.stop()
+
+
+@pytest.mark.parametrize("via", ["direct", "haproxy"])
+def test_a_2_mb_body_gets_a_413_the_client_reads_directly_and_through_haproxy(balanced, via):
+    instance, balancer = balanced
+    port = instance.port if via == "direct" else balancer.port
+    for _ in range(20):  # before the lingering close, most were reset before the 413 was read
+        assert call(port, "POST", "/payments", b"x" * 2_000_000)[0] == 413
+    assert call(port, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("limit", ["bytes", "time"])
+def test_a_lingering_close_is_bounded_in_bytes_and_in_time(processors, tmp_path, limit):
+    env = {"LINGER_BYTES": 100_000, "LINGER_S": 60} if limit == "bytes" else {"LINGER_BYTES": 10**9, "LINGER_S": 1}
+    instance = Instance(tmp_path, "linger", *processors, **env)
+    try:
+        with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as sock:
+            sock.sendall(b"POST /payments HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):  # the 413, then our end of the stream
+                answer += chunk
+            assert statuses(answer) == [b"413"]
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                # Further bytes are read and dropped until the limit, then the connection is reset.
+                for _ in range(100):
+                    sock.sendall(b"x" * 10_000 if limit == "bytes" else b"x")
+                    time.sleep(0 if limit == "bytes" else 0.1)
+    finally:
+        instance.process.stop()
+
+
+# Faults injected into the head parser, a sync handler and an async one, as any bug there would be.
+FAULTY = """
+import rinha
+parse_head, parse_payment, local_totals = rinha.parse_head, rinha.parse_payment, rinha.Server.local_totals
+def faulty_parse_head(head):
+    if head.startswith(b"GET /boom"):
+        raise RuntimeError("injected fault")
+    return parse_head(head)
+def faulty_parse_payment(body):
+    if b"boom" in body:
+        raise RuntimeError("injected fault")
+    return parse_payment(body)
+def faulty_local_totals(server, low, high):
+    if low == 0:
+        raise RuntimeError("injected fault")
+    return local_totals(server, low, high)
+rinha.parse_head, rinha.parse_payment, rinha.Server.local_totals = faulty_parse_head, faulty_parse_payment, faulty_local_totals
+rinha.main()
+"""
+
+
+def test_an_unexpected_error_is_a_500_logged_once_and_closes_only_its_connection(processors, tmp_path):
+    instance = Instance(tmp_path, "faulty", *processors, code=FAULTY)
+    try:
+        with socket.create_connection(("127.0.0.1", instance.port), timeout=5) as bystander:
+            bystander.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+            assert bystander.recv(65536).startswith(b"HTTP/1.1 200")
+            boom = b'{"boom": 1}'
+            data = post() + b"POST /payments HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(boom), boom) + post()
+            answer = raw(instance.port, data, wait=3)
+            assert statuses(answer) == [b"202", b"500"] and b"Connection: close" in answer
+            for head in (b"GET /payments-summary?from=1970-01-01T00:00:00Z HTTP/1.1", b"GET /boom HTTP/1.1"):
+                answer = raw(instance.port, post() + head + b"\r\n\r\n" + post(), wait=3)
+                assert statuses(answer) == [b"202", b"500"]
+            bystander.sendall(b"GET /health HTTP/1.1\r\n\r\n")  # the other connection still works
+            assert bystander.recv(65536).startswith(b"HTTP/1.1 200")
+        log = instance.process.output()
+        errors = [line for line in log.splitlines() if "internal error" in line]
+        assert len(errors) == 3 and "Fatal error" not in log, log
+        assert "POST /payments HTTP/1.1" in errors[0] and "injected fault" in errors[0]
+        assert "GET /payments-summary?from=1970-01-01T00:00:00Z HTTP/1.1" in errors[1]
+        assert "GET /boom HTTP/1.1" in errors[2]
+    finally:
+        instance.process.stop()
 
 
 def test_connections_beyond_the_maximum_get_503_and_close(processors, tmp_path):
@@ -656,16 +860,16 @@ def test_the_breaker_table_covers_every_state_and_signal_and_no_probe_stays_half
     states = (rinha.CLOSED, rinha.OPEN, rinha.HALF_OPEN)
     assert set(rinha.BREAKER_TRANSITIONS) == {(s, g) for s in states for g in BREAKER_SIGNALS}
     for state in states:
-        for signal in BREAKER_SIGNALS:
+        for learned in BREAKER_SIGNALS:
             breaker = rinha.Breaker()
             breaker.state, breaker.retry_at = state, 5.0
-            breaker.observe(signal, 10.0)
-            if state is rinha.HALF_OPEN and signal in (rinha.SUCCESS, rinha.FAILURE, rinha.NEUTRAL):
+            breaker.observe(learned, 10.0)
+            if state is rinha.HALF_OPEN and learned in (rinha.SUCCESS, rinha.FAILURE, rinha.NEUTRAL):
                 assert breaker.state is not rinha.HALF_OPEN  # the probe's answer always decides
             if breaker.state is rinha.OPEN:  # an open breaker always has its next probe set
                 assert breaker.retry_at >= 5.0 and breaker.allows(breaker.retry_at)
-            assert (breaker.state is rinha.CLOSED) == (signal is rinha.SUCCESS or (
-                state is rinha.CLOSED and signal in (rinha.FAILURE, rinha.NEUTRAL, rinha.REPORTED_OK)))
+            assert (breaker.state is rinha.CLOSED) == (learned is rinha.SUCCESS or (
+                state is rinha.CLOSED and learned in (rinha.FAILURE, rinha.NEUTRAL, rinha.REPORTED_OK)))
 
 
 def test_the_breaker_opens_after_consecutive_failures_and_lets_one_probe_through():
@@ -1161,18 +1365,16 @@ def test_an_unexpected_exception_in_an_attempt_strands_no_payment(fresh, tmp_pat
     # Issue 8: an exception other than OSError/RuntimeError/ValueError ended a worker for
     # good, with the payment it held. Injected: the first request body cannot be built.
     default, fallback = fresh
-    instance = Instance.__new__(Instance)
-    instance.__init__(tmp_path, "api1", default, fallback, IN_FLIGHT_CAP=1)
-    instance.process.stop()
-    instance.start(code="import rinha\n"
-                        "real, calls = rinha.cents_text, []\n"
-                        "def flaky(cents):\n"
-                        "    calls.append(cents)\n"
-                        "    if len(calls) == 1:\n"
-                        "        raise TypeError('injected')\n"
-                        "    return real(cents)\n"
-                        "rinha.cents_text = flaky\n"
-                        "rinha.main()\n")
+    instance = Instance(tmp_path, "api1", default, fallback, IN_FLIGHT_CAP=1,
+                        code="import rinha\n"
+                             "real, calls = rinha.cents_text, []\n"
+                             "def flaky(cents):\n"
+                             "    calls.append(cents)\n"
+                             "    if len(calls) == 1:\n"
+                             "        raise TypeError('injected')\n"
+                             "    return real(cents)\n"
+                             "rinha.cents_text = flaky\n"
+                             "rinha.main()\n")
     try:
         accepted = [instance.pay()[1] for _ in range(5)]
         assert wait_until(lambda: drained(instance), timeout=10), instance.health()
