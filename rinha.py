@@ -69,6 +69,9 @@ PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
 PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
 HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
+REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.05)
+REPLICA_BATCH = env_int("REPLICA_BATCH", 500)
+REPLICA_READY_MAX_S = env_float("REPLICA_READY_MAX_S", 3.0)
 SHUTDOWN_GRACE_S = env_float("SHUTDOWN_GRACE_S", 10.0)
 
 MAX_HEADER_BYTES = env_int("MAX_HEADER_BYTES", 8192)
@@ -378,17 +381,30 @@ def parse_window(query):
 
 class Ledger:
     """Confirmed payments per processor: requestedAt (ms) kept sorted, and prefix sums of
-    cents, so a window's count and total are two binary searches and a subtraction."""
-    __slots__ = ("times", "prefix")
+    cents, so a window's count and total are two binary searches and a subtraction. This
+    instance's own ledger also keeps its confirmation log: (processor, ms, cents) in the
+    order recorded, which is the order of the journal's C and L records, so a replay
+    rebuilds it entry by entry (the Replication section streams it by index). A replica of
+    a peer's ledger keeps no log. epoch names the stream: the last purge's, 0 before any."""
+    __slots__ = ("times", "prefix", "log", "epoch")
 
-    def __init__(self):
+    def __init__(self, keep_log=True):
+        self.log = array.array("q") if keep_log else None
+        self.epoch = 0
         self.clear()
 
-    def clear(self):
+    def clear(self, epoch=None):
+        """Empty it; a purge passes the epoch it starts."""
         self.times = (array.array("q"), array.array("q"))
         self.prefix = (array.array("q", [0]), array.array("q", [0]))
+        if self.log is not None:
+            self.log = array.array("q")
+        if epoch is not None:
+            self.epoch = epoch
 
     def record(self, processor, ms, cents):
+        if self.log is not None:
+            self.log.extend((processor, ms, cents))
         times, prefix = self.times[processor], self.prefix[processor]
         if not times or ms >= times[-1]:
             times.append(ms)
@@ -410,10 +426,14 @@ class Ledger:
             return 0, 0
         return last - first, prefix[last] - prefix[first]
 
-    def entries(self, processor):
-        times, prefix = self.times[processor], self.prefix[processor]
-        for i in range(len(times)):
-            yield times[i], prefix[i + 1] - prefix[i]
+    def count(self):
+        return len(self.times[DEFAULT]) + len(self.times[FALLBACK])
+
+    def entries(self):
+        """(processor, ms, cents) in confirmation order: how a compaction writes its L lines."""
+        log = self.log
+        for i in range(0, len(log), 3):
+            yield log[i], log[i + 1], log[i + 2]
 
 
 class Journal:
@@ -421,7 +441,7 @@ class Journal:
     with one correlationId never share a record. Lines (one record each, newline-terminated):
     A seq cid cents accepted_ms   accepted        S seq proc requested_ms    about to send
     C seq proc requested_ms cents confirmed       X seq   settled, not ours (duplicate, refused)
-    U seq    an attempt proved not stored: unpinned        P   purge: ledger emptied
+    U seq    an attempt proved not stored: unpinned        P epoch   purge: ledger emptied
     L proc requested_ms cents     a confirmed payment (compacted form)
     A write that fails or lands short is cut back to the last whole record, so a later record
     is never glued to a fragment; replay ignores a torn last line."""
@@ -450,8 +470,8 @@ class Journal:
                 if kind == b"L":
                     ledger.record(int(fields[1]), int(fields[2]), int(fields[3]))
                     continue
-                if kind == b"P":
-                    ledger.clear()
+                if kind == b"P":  # a purge; "P epoch" since replication, also heads a compaction
+                    ledger.clear(int(fields[1]) if len(fields) > 1 else None)
                     continue
                 seq = int(fields[1])
                 if kind == b"A":
@@ -476,9 +496,11 @@ class Journal:
         """Rewrite the journal as the ledger plus the pending payments, then append to it."""
         temporary = self.path + ".compact"
         with open(temporary, "wb") as out:
-            for processor in (DEFAULT, FALLBACK):
-                for ms, cents in ledger.entries(processor):
-                    out.write(b"L %d %d %d\n" % (processor, ms, cents))
+            # The epoch, then the L lines in confirmation order, so a replay rebuilds the
+            # confirmation log entry by entry: peers hold it by index (see Replication).
+            out.write(b"P %d\n" % ledger.epoch)
+            for processor, ms, cents in ledger.entries():
+                out.write(b"L %d %d %d\n" % (processor, ms, cents))
             for seq, (cid, cents, accepted, pin) in pending.items():
                 out.write(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
                 if pin:
@@ -1150,6 +1172,196 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------
+# Replication
+# Each instance streams its confirmation log (Ledger.log) to every peer and keeps a replica
+# of each peer's, so any instance answers the whole backend's summary alone and at once,
+# whether its peers are up, restarting or hung. One exchange, POST /internal/replica:
+#   request  "origin epoch offset total\n", then entries offset, offset+1, ... of origin's
+#            log as packed native int64 triples (processor, requestedAt ms, cents);
+#            total: the length of origin's log when sent
+#   answer   "receiver epoch held": how many entries of origin's log the receiver holds
+# The receiver applies only the entries at index >= held (a resend, or a batch whose answer
+# was lost, never counts twice; a batch past a gap applies nothing) and the sender goes on
+# from held, so after a restart of either side each learns where the other is. Indexes are
+# valid across restarts because the log's order is: a replay rebuilds it entry by entry
+# (C and L records in the journal's order). A log shorter than what a receiver holds (its
+# journal was lost) makes the receiver drop that replica and take it again from 0. A purge
+# starts a new epoch on every instance; batches of an older epoch are ignored. A replica is
+# in memory only: a restarted instance gets its replicas again from the peers, and answers
+# the load balancer's check (/internal/ready) with 503 until it has each live peer's whole
+# log (at most REPLICA_READY_MAX_S). The summary can miss what a peer confirmed but had not
+# streamed when it died or hung (at most REPLICA_INTERVAL_S of its confirmations), until it
+# runs again and streams them from its journal.
+# ---------------------------------------------------------------------------
+
+REPLICA_PATH = b"/internal/replica"
+REPLICA_ENTRY_BYTES = 24  # three int64
+ORIGIN = INSTANCE_ID.encode()
+
+
+class InvalidBatch(HttpError):
+    status = b"400 Bad Request"
+    closes = False
+
+
+class PeerStream:
+    """This instance's log as sent to one peer: how much of it the peer holds."""
+    __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by")
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.epoch = 0
+        self.held = None  # entries of our log (of self.epoch) the peer holds; None: not known
+        self.name = None  # the peer's INSTANCE_ID, from its answers
+        self.answered = None  # whether the last exchange got an answer; None before the first
+        self.ignored_by = None  # the newer epoch the peer is at, once logged
+
+
+class Replication:
+    """Streams the own ledger's log to the peers and keeps their logs as replicas."""
+
+    def __init__(self, ledger, peers):
+        self.ledger = ledger
+        self.replicas = {}  # origin (a peer's INSTANCE_ID, bytes) -> Ledger without a log
+        self.complete = set()  # origins whose whole log we have held since we started
+        self.streams = [PeerStream(peer) for peer in peers]
+        self.batch = max(1, min(REPLICA_BATCH, (MAX_BODY_BYTES - 256) // REPLICA_ENTRY_BYTES))
+        self.started = time.monotonic()
+        self.is_ready = not peers
+        self.tasks = []
+
+    # -- sending -----------------------------------------------------------
+    def start(self):
+        self.tasks = [asyncio.ensure_future(self.stream(stream)) for stream in self.streams]
+
+    async def stream(self, stream):
+        """Every REPLICA_INTERVAL_S, send the peer what it lacks (an empty batch tells us
+        where it is); at once again while it is more than a batch behind."""
+        while True:
+            if not await self.exchange(stream):
+                await asyncio.sleep(REPLICA_INTERVAL_S)
+
+    async def exchange(self, stream):
+        """One batch to the peer; True if the peer answered, moved on and still lacks some."""
+        ledger = self.ledger
+        epoch, log_ = ledger.epoch, ledger.log
+        total = len(log_) // 3
+        known = stream.held is not None and stream.epoch == epoch
+        offset = min(stream.held, total) if known else total  # unknown: ask where it is
+        end = min(total, offset + self.batch)
+        body = b"%s %d %d %d\n%s" % (ORIGIN, epoch, offset, total, log_[3 * offset:3 * end].tobytes())
+        try:
+            status, answer = await stream.peer.request(b"POST", REPLICA_PATH, body, b"", PEER_TIMEOUT_S)
+            if status != 200:
+                raise UpstreamError(f"status {status}: {answer[:200]!r}")
+            name, their_epoch, held = answer.split()
+            their_epoch, held = int(their_epoch), int(held)
+        except (UpstreamError, ValueError) as error:
+            if stream.answered is not False:
+                log(f"replication to {stream.peer.name} stopped: {error}")
+            stream.answered = False  # the batch may have been applied: resent, it counts once
+            return False
+        if stream.answered is False:
+            log(f"replication to {stream.peer.name} resumed at {held} of {total}")
+        stream.answered, stream.name = True, name
+        if their_epoch != epoch or ledger.epoch != epoch:  # a purge here or there meanwhile
+            stream.held = None
+            if their_epoch > ledger.epoch and stream.ignored_by != their_epoch:
+                stream.ignored_by = their_epoch
+                log(f"{stream.peer.name} is at epoch {their_epoch}, we at {ledger.epoch} (a purge we "
+                    f"missed?): it ignores our confirmations until the next purge")
+            return False
+        moved = not known or held > offset
+        stream.epoch, stream.held = epoch, held
+        return moved and held < len(ledger.log) // 3
+
+    async def stop(self):
+        """Stop streaming, then send each answering peer what it still lacks (bounded by
+        PEER_TIMEOUT_S), so a graceful stop leaves nothing unstreamed."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+        async def flush(stream):
+            while await self.exchange(stream):
+                pass
+        flushes = [asyncio.ensure_future(flush(stream)) for stream in self.streams]
+        if flushes:
+            await asyncio.wait(flushes, timeout=PEER_TIMEOUT_S)
+            for task in flushes:
+                task.cancel()
+            await asyncio.gather(*flushes, return_exceptions=True)
+
+    # -- receiving ---------------------------------------------------------
+    def receive(self, body):
+        """Apply one batch from a peer; the answer's body. InvalidBatch if malformed."""
+        head, newline, payload = body.partition(b"\n")
+        try:
+            origin, epoch, offset, total = head.split()
+            epoch, offset, total = int(epoch), int(offset), int(total)
+        except ValueError:
+            raise InvalidBatch("expected 'origin epoch offset total' and a newline") from None
+        entries = array.array("q")
+        if not newline or len(payload) % REPLICA_ENTRY_BYTES:
+            raise InvalidBatch("entries must be whole int64 triples")
+        entries.frombytes(payload)
+        if origin == ORIGIN:
+            raise InvalidBatch("a peer has this instance's INSTANCE_ID")
+        if offset < 0 or offset + len(entries) // 3 > total or not all(p in (0, 1) for p in entries[::3]):
+            raise InvalidBatch("entries out of range")
+        replica = self.replicas.get(origin)
+        if replica is None:
+            replica = self.replicas[origin] = Ledger(keep_log=False)
+            replica.clear(self.ledger.epoch)
+        if epoch > replica.epoch or (epoch == replica.epoch and total < replica.count()):
+            replica.clear(epoch)  # a purge we have not heard of yet, or its journal was lost
+            self.complete.discard(origin)
+        if epoch == replica.epoch:
+            held = replica.count()
+            if offset <= held:
+                for i in range(3 * (held - offset), len(entries), 3):
+                    replica.record(entries[i], entries[i + 1], entries[i + 2])
+            if replica.count() >= total:
+                self.complete.add(origin)
+        return b"%s %d %d" % (ORIGIN, replica.epoch, replica.count())
+
+    def purge(self, epoch):
+        """Empty the own ledger and every replica; epoch starts everywhere."""
+        self.ledger.clear(epoch)
+        for replica in self.replicas.values():
+            replica.clear(epoch)
+        for stream in self.streams:
+            stream.held = None
+
+    def ready(self):
+        """Whether this instance holds the whole log of every peer that answers (or has
+        waited REPLICA_READY_MAX_S since it started): then the load balancer may use it."""
+        if not self.is_ready:
+            self.is_ready = time.monotonic() - self.started >= REPLICA_READY_MAX_S or all(
+                stream.answered is False or (stream.answered and stream.name in self.complete)
+                for stream in self.streams)
+            if self.is_ready:
+                log("replicas complete: ready")
+        return self.is_ready
+
+
+READY = ((response(b"503 Service Unavailable", b"replicas incomplete", b"text/plain"),
+          response(b"503 Service Unavailable", b"replicas incomplete", b"text/plain", close=True)),
+         (response(b"200 OK", b"ready", b"text/plain"), response(b"200 OK", b"ready", b"text/plain", close=True)))
+
+
+def post_replica(connection, request, body, keep):
+    """POST /internal/replica: a batch of a peer's log (see the protocol above)."""
+    answer = connection.server.replication.receive(body)
+    return connection.answer(response(b"200 OK", answer, b"text/plain", close=not keep), keep)
+
+
+def get_ready(connection, request, body, keep):
+    """GET /internal/ready: the load balancer's check; cheap, 200 or 503."""
+    return connection.answer(READY[connection.server.replication.ready()][not keep], keep)
+
+
+# ---------------------------------------------------------------------------
 # Server
 # One HttpConnection per client connection: buffers bytes, parses requests in order,
 # answers each (pipelined ones in order), enforces the limits. Only the summary and the
@@ -1163,6 +1375,7 @@ class Server:
     def __init__(self, pipeline, peers):
         self.pipeline = pipeline
         self.peers = peers
+        self.replication = Replication(pipeline.ledger, peers)
         self.connections = set()
         self.draining = False
         self.started = time.monotonic()
@@ -1185,38 +1398,43 @@ class Server:
             connection.check_deadline(now)
 
     # -- endpoints ---------------------------------------------------------
-    async def summary(self, request):
+    def summary(self, request):
+        """The whole backend's totals from this instance's ledger and its replicas of the
+        peers' (see Replication): at once, whether the peers answer now or not."""
         low, high = parse_window(request.query)
         totals = self.local_totals(low, high)
-        path = b"/internal/summary?from_ms=%d&to_ms=%d" % (low, high)
-        for part in await self.ask_peers(b"GET", path, b""):
-            numbers = part.split()
-            if len(numbers) != 4:
-                raise PeerUnavailable("a peer sent an unreadable summary")
-            totals = [a + int(b) for a, b in zip(totals, numbers)]
         return SUMMARY_BODY % (totals[0], cents_text(totals[1]), totals[2], cents_text(totals[3]))
 
     def local_totals(self, low, high):
-        ledger = self.pipeline.ledger
-        count_d, cents_d = ledger.window(DEFAULT, low, high)
-        count_f, cents_f = ledger.window(FALLBACK, low, high)
-        return [count_d, cents_d, count_f, cents_f]
+        """[default count, cents, fallback count, cents] over the own ledger and the replicas."""
+        totals = [0, 0, 0, 0]
+        for ledger in (self.pipeline.ledger, *self.replication.replicas.values()):
+            count_d, cents_d = ledger.window(DEFAULT, low, high)
+            count_f, cents_f = ledger.window(FALLBACK, low, high)
+            totals[0] += count_d
+            totals[1] += cents_d
+            totals[2] += count_f
+            totals[3] += cents_f
+        return totals
 
     async def purge(self, request):
         if not PURGE_TOKEN:
             raise Forbidden("purge is disabled: set PURGE_TOKEN")
         if request.token != PURGE_TOKEN.encode():
             raise Forbidden("wrong or missing X-Rinha-Token")
-        self.purge_local()
-        await self.ask_peers(b"POST", b"/internal/purge", b"X-Rinha-Token: %s\r\n" % request.token)
+        epoch = max(now_ms(), self.pipeline.ledger.epoch + 1)  # a new epoch, the same everywhere
+        self.purge_local(epoch)
+        await self.ask_peers(b"POST", b"/internal/purge?epoch=%d" % epoch,
+                             b"X-Rinha-Token: %s\r\n" % request.token)
 
-    def purge_local(self):
-        self.pipeline.ledger.clear()
-        self.pipeline.journal_quietly(b"P\n")
-        log("ledger purged")
+    def purge_local(self, epoch):
+        self.replication.purge(epoch)
+        self.pipeline.journal_quietly(b"P %d\n" % epoch)
+        log(f"ledger and replicas purged: epoch {epoch}")
 
     async def ask_peers(self, method, path, headers):
-        """Every peer's answer body, or PeerUnavailable: never a silent partial answer."""
+        """Every peer's answer body, or PeerUnavailable: never a silent partial answer.
+        Used by the purge only; the summary never waits for a peer."""
         if not self.peers:
             return []
         calls = [peer.request(method, path, b"", headers, PEER_TIMEOUT_S) for peer in self.peers]
@@ -1344,16 +1562,7 @@ class HttpConnection(asyncio.Protocol):
         return self.answer(ACCEPTED[not keep], keep)
 
     def get_summary(self, request, body, keep):
-        return self.answer_later(self.server.summary(request), request, keep)
-
-    def get_local_summary(self, request, body, keep):
-        window = dict(parse_qsl(request.query.decode("latin-1")))
-        try:
-            low, high = int(window["from_ms"]), int(window["to_ms"])
-        except (KeyError, ValueError):
-            raise InvalidQuery("from_ms and to_ms must be integers") from None
-        text = b"%d %d %d %d" % tuple(self.server.local_totals(low, high))
-        return self.answer(response(b"200 OK", text, b"text/plain", close=not keep), keep)
+        return self.answer(response(b"200 OK", self.server.summary(request), close=not keep), keep)
 
     def post_purge(self, request, body, keep):
         return self.answer_later(self.server.purge(request), request, keep, PURGED)
@@ -1361,7 +1570,11 @@ class HttpConnection(asyncio.Protocol):
     def post_local_purge(self, request, body, keep):
         if not PURGE_TOKEN or request.token != PURGE_TOKEN.encode():
             raise Forbidden("wrong or missing X-Rinha-Token")
-        self.server.purge_local()
+        try:
+            epoch = int(dict(parse_qsl(request.query.decode("latin-1")))["epoch"])
+        except (KeyError, ValueError):
+            raise InvalidQuery("epoch must be an integer") from None
+        self.server.purge_local(epoch)
         return self.answer(PURGED[not keep], keep)
 
     def get_health(self, request, body, keep):
@@ -1445,8 +1658,9 @@ ROUTES = {  # path -> (the one method it answers, handler)
     b"/payments-summary": (b"GET", HttpConnection.get_summary),
     b"/purge-payments": (b"POST", HttpConnection.post_purge),
     b"/health": (b"GET", HttpConnection.get_health),
-    b"/internal/summary": (b"GET", HttpConnection.get_local_summary),  # asked by peers
     b"/internal/purge": (b"POST", HttpConnection.post_local_purge),  # asked by peers
+    REPLICA_PATH: (b"POST", post_replica),  # sent by peers
+    b"/internal/ready": (b"GET", get_ready),  # the load balancer's check
 }
 
 
@@ -1483,6 +1697,7 @@ async def serve():
             listeners.append(await loop.create_server(
                 lambda: HttpConnection(server), host or "0.0.0.0", int(port), backlog=4096, reuse_address=True))
     tasks = [asyncio.ensure_future(pipeline.check_pins())]
+    server.replication.start()
     if HEALTH_INTERVAL_S > 0:
         tasks += [asyncio.ensure_future(pipeline.poll_health(lane)) for lane in pipeline.lanes]
     pipeline.pump()
@@ -1511,6 +1726,7 @@ async def serve():
     deadline = loop.time() + SHUTDOWN_GRACE_S
     while pipeline.backlog.unsettled and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    await server.replication.stop()
     pipeline.running = False
     sweeper.cancel()
     for task in tasks:

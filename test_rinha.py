@@ -1449,29 +1449,352 @@ def test_sigterm_drains_what_it_can_and_journals_the_rest_for_the_next_start(fre
 # Cross-instance summary and purge
 # ---------------------------------------------------------------------------
 
-def test_every_instance_answers_for_the_whole_backend_and_fails_loudly_without_a_peer(fresh, tmp_path):
-    default, fallback = fresh
-    ports = [free_port() for _ in range(3)]
+def peered(tmp_path, processors, count, **env):
+    """`count` instances on free ports, each with all the others as PEERS."""
+    ports = [free_port() for _ in range(count)]
     instances = []
     try:
         for i, port in enumerate(ports):
             peers = ",".join(f"http://127.0.0.1:{p}" for p in ports if p != port)
-            instances.append(Instance(tmp_path, f"api{i}", default, fallback, port=port, PEERS=peers,
-                                      PURGE_TOKEN="secret"))
+            instances.append(Instance(tmp_path, f"api{i}", *processors, port=port, PEERS=peers, **env))
+    except BaseException:
+        for instance in instances:
+            instance.process.stop()
+        raise
+    return instances
+
+
+def ready(instance):
+    return call(instance.port, "GET", "/internal/ready")[0] == 200
+
+
+def assert_every_summary_exact(instances, default, fallback, count):
+    """Each instance's summary equals the processors', to the cent, as soon as it answers."""
+    for instance in instances:
+        assert instance.summary()["default"]["totalRequests"] == count
+        assert_ledger_matches(instance, default, fallback)
+
+
+def test_the_summary_stays_exact_while_a_peer_is_killed_or_hung_and_catches_up_after_its_restart(
+        fresh, tmp_path):
+    # Issue 9: with a peer down the summary answered 502, which the contest counts as zeros.
+    default, fallback = fresh
+    instances = peered(tmp_path, fresh, 3)
+    try:
         for instance in instances:
             pay_many(instance, 30, threads=3)
         assert all(wait_until(lambda: drained(instance)) for instance in instances)
-        for instance in instances:
-            mine = assert_ledger_matches(instance, default, fallback)
-            assert mine["default"]["totalRequests"] == 90
-        instances[2].process.stop()
-        status, _, body = call(instances[0].port, "GET", "/payments-summary")
-        assert status == 502 and b"unavailable" in body
-        instances[2].start()  # the pooled connection to the old process is replaced
-        assert instances[0].summary()["default"]["totalRequests"] == 90
+        assert wait_until(lambda: all(i.summary()["default"]["totalRequests"] == 90 for i in instances))
+        assert_every_summary_exact(instances, default, fallback, 90)
+
+        instances[2].process.stop(signal.SIGKILL)  # everything it confirmed was streamed
+        assert_every_summary_exact(instances[:2], default, fallback, 90)
+        pay_many(instances[0], 20, threads=2)  # the live ones go on
+        assert wait_until(lambda: drained(instances[0]))
+        assert wait_until(lambda: instances[1].summary()["default"]["totalRequests"] == 110)
+        assert_every_summary_exact(instances[:2], default, fallback, 110)
+
+        instances[2].start()  # its replicas come from the peers again before it is ready
+        assert wait_until(lambda: ready(instances[2]))
+        assert_every_summary_exact(instances, default, fallback, 110)
+        pay_many(instances[2], 10, threads=2)  # ...and it streams what it confirms afresh
+        assert wait_until(lambda: drained(instances[2]))
+        assert wait_until(lambda: all(i.summary()["default"]["totalRequests"] == 120 for i in instances))
+
+        instances[1].process.popen.send_signal(signal.SIGSTOP)  # hung: neither answers nor closes
+        try:
+            assert_every_summary_exact([instances[0], instances[2]], default, fallback, 120)
+            pay_many(instances[0], 10, threads=2)
+            assert wait_until(lambda: drained(instances[0]))
+            assert wait_until(lambda: instances[2].summary()["default"]["totalRequests"] == 130)
+            assert_every_summary_exact([instances[0], instances[2]], default, fallback, 130)
+        finally:
+            instances[1].process.popen.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: instances[1].summary()["default"]["totalRequests"] == 130)
+        assert_every_summary_exact(instances, default, fallback, 130)
     finally:
         for instance in instances:
             instance.process.stop()
+
+
+def window_query(now):
+    """The contest's consistency window, [now - 15 s, now - 1.5 s], as its script writes it."""
+    def iso(seconds):
+        return rinha.iso_ms(int(seconds * 1000)).decode()
+    return f"?from={iso(now - 15)}&to={iso(now - 1.5)}"
+
+
+class Load:
+    """Threads POSTing payments through the load balancer, each with the contest's 1.5 s
+    client timeout, until stopped; records every outcome with its time and duration."""
+
+    def __init__(self, port, threads=6):
+        self.port = port
+        self.outcomes = []  # (started, seconds, status or the exception's name)
+        self.running = True
+        self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def run(self):
+        while self.running:
+            started = time.monotonic()
+            try:
+                status = call(self.port, "POST", "/payments", {"correlationId": str(uuid.uuid4()),
+                                                               "amount": 19.9}, timeout=1.5)[0]
+            except (OSError, http.client.HTTPException) as error:
+                status = type(error).__name__
+            self.outcomes.append((started, time.monotonic() - started, status))
+
+    def stop(self):
+        self.running = False
+        for thread in self.threads:
+            thread.join()
+        return self.outcomes
+
+
+@pytest.fixture
+def pair_behind_haproxy(fresh, tmp_path):
+    """Two peered instances on api1.sock and api2.sock (and a port each) behind haproxy.cfg."""
+    ports = [free_port(), free_port()]
+    instances = [Instance(tmp_path, f"api{i + 1}", *fresh, port=port, PEERS=f"http://127.0.0.1:{ports[1 - i]}",
+                          LISTEN=f"127.0.0.1:{port},unix:{tmp_path}/api{i + 1}.sock")
+                 for i, port in enumerate(ports)]
+    balancer = None
+    try:
+        balancer = Balancer(tmp_path)
+        yield instances, balancer
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for instance in instances:
+            instance.process.stop()
+
+
+def test_killed_under_load_the_survivor_answers_the_contest_window_exactly_every_50_ms(
+        fresh, pair_behind_haproxy):
+    default, fallback = fresh
+    default.configure(delay=20)  # payments are in flight at the kill: it must not lose them
+    (survivor, victim), balancer = pair_behind_haproxy
+    assert call(balancer.port, "GET", "/internal/ready")[0] == 403  # peers only
+    load = Load(balancer.port)
+    answers = []
+    try:
+        time.sleep(2)
+        victim.process.stop(signal.SIGKILL)
+        victim.start()  # as the compose file's restart policy does
+        polled_until = time.monotonic() + 6
+        while time.monotonic() < polled_until:
+            query = window_query(time.time())
+            mine = survivor.summary(query)
+            theirs = default.summary(query), fallback.summary(query)
+            answers.append((query, mine, theirs))
+            time.sleep(0.05)
+    finally:
+        outcomes = load.stop()
+    assert len(answers) > 40
+    for query, mine, (on_default, on_fallback) in answers:
+        for name, theirs in (("default", on_default), ("fallback", on_fallback)):
+            assert mine[name]["totalRequests"] == theirs["totalRequests"], (query, mine, theirs)
+            assert Decimal(str(mine[name]["totalAmount"])) == Decimal(str(theirs["totalAmount"])), (query, mine)
+    assert answers[-1][1]["default"]["totalRequests"] > 0
+    failed = [outcome for outcome in outcomes if not (type(outcome[2]) is int and 200 <= outcome[2] < 300)]
+    assert len(outcomes) > 100 and not failed, failed[:10]
+
+
+def test_a_hung_instance_is_taken_out_by_the_balancer_and_payments_keep_their_answers(
+        fresh, pair_behind_haproxy):
+    default, fallback = fresh
+    (survivor, victim), balancer = pair_behind_haproxy
+    load = Load(balancer.port)
+    try:
+        time.sleep(1)
+        victim.process.popen.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            while time.monotonic() < stopped + 3:
+                assert survivor.summary()["default"]["totalRequests"] >= 0  # answers, no peer asked
+                time.sleep(0.05)
+        finally:
+            victim.process.popen.send_signal(signal.SIGCONT)
+        time.sleep(1)
+    finally:
+        outcomes = load.stop()
+    failed = [outcome for outcome in outcomes if not (type(outcome[2]) is int and 200 <= outcome[2] < 300)]
+    assert len(outcomes) > 100 and not failed, failed[:10]
+    assert any(started > stopped + 1.5 for started, _, _ in outcomes)
+    assert wait_until(lambda: drained(survivor) and drained(victim))
+    for instance in (survivor, victim):
+        assert wait_until(lambda: instance.summary()["default"]["totalRequests"]
+                          == default.summary()["totalRequests"])
+        assert_ledger_matches(instance, default, fallback)
+
+
+def replica_batch(origin, epoch, offset, total, entries):
+    head = b"%s %d %d %d\n" % (origin, epoch, offset, total)
+    return head + array.array("q", [number for entry in entries for number in entry]).tobytes()
+
+
+def test_replica_batches_apply_each_entry_once_whatever_is_resent_lost_or_out_of_epoch(processors, tmp_path):
+    instance = Instance(tmp_path, "receiver", *processors)
+    log = [(i % 2, 1_000 + i, 100 + i) for i in range(10)]
+
+    def send(epoch, offset, total, entries, origin=b"peer"):
+        status, _, body = call(instance.port, "POST", "/internal/replica",
+                               replica_batch(origin, epoch, offset, total, entries))
+        return status, body.split()[1:] if status == 200 else body
+
+    def seen():
+        return [instance.summary()[name]["totalRequests"] for name in ("default", "fallback")]
+    try:
+        assert send(0, 10, 10, []) == (200, [b"0", b"0"])  # a probe: where are you?
+        assert send(0, 0, 10, log[:4]) == (200, [b"0", b"4"])
+        assert send(0, 0, 10, log[:4]) == (200, [b"0", b"4"])  # its answer was lost: resent
+        assert send(0, 2, 10, log[2:7]) == (200, [b"0", b"7"])  # overlapping
+        assert send(0, 8, 10, log[8:]) == (200, [b"0", b"7"])  # past a gap: nothing applied
+        assert send(0, 7, 10, log[7:]) == (200, [b"0", b"10"])
+        assert seen() == [5, 5]
+        assert instance.summary()["default"]["totalAmount"] == sum(c for p, _, c in log if p == 0) / 100
+        assert send(0, 3, 3, log[:3][3:]) == (200, [b"0", b"0"])  # its log is shorter: lost, start over
+        assert send(0, 0, 3, log[:3]) == (200, [b"0", b"3"])
+        assert send(5, 0, 1, log[9:]) == (200, [b"5", b"1"])  # a newer epoch (a purge) replaces it
+        assert send(4, 0, 10, log) == (200, [b"5", b"1"])  # an older epoch is ignored
+        assert seen() == [0, 1]
+        assert send(0, 0, 1, log[:1], origin=b"receiver")[0] == 400  # our own name
+        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 1\n" + b"x" * 23)[0] == 400
+        assert send(5, 0, 1, [(2, 1, 1)])[0] == 400  # no third processor
+        assert seen() == [0, 1]
+    finally:
+        instance.process.stop()
+
+
+class DroppingProxy:
+    """Forwards each request to a peer and, every `every`th time, drops the connection instead
+    of passing on the answer: the peer applied the batch, the sender never hears of it. While
+    `cut`, it forwards nothing and drops every connection: the peer is out of reach."""
+
+    def __init__(self, target_port, every=0):
+        self.target_port, self.every, self.forwarded, self.dropped = target_port, every, 0, 0
+        self.cut = False
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client):
+        with client, client.makefile("rb") as reader:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        return
+                    head += line
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                body = reader.read(length)
+                if self.cut:
+                    return
+                method, path = head.split(b" ")[:2]
+                try:
+                    status, _, answer = call(self.target_port, method.decode(), path.decode(), body, timeout=5)
+                except OSError:
+                    return
+                self.forwarded += 1
+                if self.every and self.forwarded % self.every == 0:
+                    self.dropped += 1
+                    return
+                client.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(answer), answer))
+
+    def stop(self):
+        self.server.close()
+
+
+def test_lost_batch_answers_and_a_receiver_restarted_mid_stream_never_count_twice(fresh, tmp_path):
+    default, fallback = fresh
+    default.configure(delay=5)
+    receiver_port = free_port()
+    proxy = DroppingProxy(receiver_port, every=2)
+    sender = Instance(tmp_path, "sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}",
+                      REPLICA_BATCH=7)  # many small batches, so many answers are lost
+    receiver = Instance(tmp_path, "receiver", default, fallback, port=receiver_port,
+                        PEERS=f"http://127.0.0.1:{sender.port}")
+    try:
+        accepted = []
+        paying = threading.Thread(target=lambda: accepted.extend(pay_many(sender, 400, 4)))
+        paying.start()
+        time.sleep(0.5)
+        receiver.process.stop(signal.SIGKILL)  # it loses its replica mid-stream
+        receiver.start()
+        paying.join()
+        assert wait_until(lambda: drained(sender))
+        assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == len(accepted))
+        time.sleep(0.5)  # more exchanges, more lost answers: no change
+        assert proxy.dropped > 10
+        for instance in (sender, receiver):
+            mine = assert_ledger_matches(instance, default, fallback)
+            assert mine["default"]["totalRequests"] == len(accepted) > 300
+    finally:
+        proxy.stop()
+        sender.process.stop()
+        receiver.process.stop()
+
+
+def test_a_replayed_journal_rebuilds_the_confirmation_log_entry_by_entry_and_its_epoch(tmp_path):
+    # Peers hold this log by index: compaction used to group it per processor, so after a
+    # restart a peer's count pointed into a different order.
+    path = str(tmp_path / "j")
+    journal, ledger = rinha.Journal(path), rinha.Ledger()
+    journal.open_compacted(ledger, {})
+    confirmed = [(int(i % 3 == 0), 1000 + i * 7 % 13, 100 + i) for i in range(30)]  # interleaved, unsorted
+    for seq, (processor, ms, cents) in enumerate(confirmed[:10]):
+        journal.append(b"C %d %d %d %d\n" % (seq, processor, ms, cents))
+    journal.append(b"P 77\n")  # a purge starts epoch 77: what came before is gone
+    for seq, (processor, ms, cents) in enumerate(confirmed[10:], 10):
+        journal.append(b"C %d %d %d %d\n" % (seq, processor, ms, cents))
+    for _ in range(3):  # a restart, and another: replay, then compaction
+        again = rinha.Ledger()
+        pending, _ = rinha.Journal(path).replay(again)
+        assert list(again.entries()) == confirmed[10:] and again.epoch == 77
+        rinha.Journal(path).open_compacted(again, pending)
+
+
+def test_a_sender_restarted_while_its_peer_lags_resumes_where_the_peer_is(fresh, tmp_path):
+    default, fallback = fresh
+    receiver_port = free_port()
+    proxy = DroppingProxy(receiver_port)
+    sender = Instance(tmp_path, "sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}",
+                      FALLBACK_AFTER_S=0)
+    receiver = Instance(tmp_path, "receiver", default, fallback, port=receiver_port)
+    try:
+        pay_many(sender, 30, threads=3)  # to the default
+        default.configure(failure=True)
+        pay_many(sender, 30, threads=3)  # to the fallback
+        assert wait_until(lambda: drained(sender))
+        assert wait_until(lambda: receiver.summary() == sender.summary())
+        default.configure(failure=False)
+        proxy.cut = True  # the receiver lags from here
+        assert wait_until(lambda: sender.pay()[0] == 202 and sender.health()["default"]["breaker"] == "closed")
+        pay_many(sender, 30, threads=3)  # to the default again: the log is D.., F.., D..
+        assert wait_until(lambda: drained(sender))
+        for _ in range(2):  # its journal is compacted at one start and replayed at the next
+            sender.process.stop(signal.SIGKILL)
+            sender.start()
+        proxy.cut = False
+        assert sender.summary()["fallback"]["totalRequests"] > 0
+        assert wait_until(lambda: receiver.summary() == sender.summary())
+        for instance in (sender, receiver):
+            assert_ledger_matches(instance, default, fallback)
+    finally:
+        proxy.stop()
+        sender.process.stop()
+        receiver.process.stop()
 
 
 def test_purge_needs_the_token_and_empties_every_instance(fresh, tmp_path):
@@ -1485,12 +1808,17 @@ def test_purge_needs_the_token_and_empties_every_instance(fresh, tmp_path):
         assert all(wait_until(lambda: drained(instance)) for instance in instances)
         assert call(ports[0], "POST", "/purge-payments", b"")[0] == 403
         assert call(ports[0], "POST", "/purge-payments", b"", {"X-Rinha-Token": "wrong"})[0] == 403
-        assert instances[1].summary()["default"]["totalRequests"] == 20
+        assert wait_until(lambda: instances[1].summary()["default"]["totalRequests"] == 20)
         assert call(ports[0], "POST", "/purge-payments", b"", {"X-Rinha-Token": "secret"})[0] == 200
-        assert instances[1].summary()["default"]["totalRequests"] == 0
-        instances[1].process.stop()
-        instances[1].start()  # the purge is journaled too
-        assert instances[1].summary()["default"]["totalRequests"] == 0
+        assert [instance.summary()["default"]["totalRequests"] for instance in instances] == [0, 0]
+        pay_many(instances[0], 5, threads=1)  # the replicas start again from the purge's epoch
+        assert wait_until(lambda: all(instance.summary()["default"]["totalRequests"] == 5 for instance in instances))
+        for instance in instances:
+            instance.process.stop(signal.SIGKILL)
+            instance.start()  # the purge and its epoch are journaled too
+        assert wait_until(lambda: all(instance.summary()["default"]["totalRequests"] == 5 for instance in instances))
+        time.sleep(0.3)
+        assert [instance.summary()["default"]["totalRequests"] for instance in instances] == [5, 5]
     finally:
         for instance in instances:
             instance.process.stop()
