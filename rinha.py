@@ -496,9 +496,10 @@ class Journal:
         """Rewrite the journal as the ledger plus the pending payments, then append to it."""
         temporary = self.path + ".compact"
         with open(temporary, "wb") as out:
-            # The epoch, then the L lines in confirmation order, so a replay rebuilds the
-            # confirmation log entry by entry: peers hold it by index (see Replication).
-            out.write(b"P %d\n" % ledger.epoch)
+            # The epoch (after a purge), then the L lines in confirmation order, so a replay
+            # rebuilds the confirmation log entry by entry: peers hold it by index (Replication).
+            if ledger.epoch:
+                out.write(b"P %d\n" % ledger.epoch)
             for processor, ms, cents in ledger.entries():
                 out.write(b"L %d %d %d\n" % (processor, ms, cents))
             for seq, (cid, cents, accepted, pin) in pending.items():
@@ -1238,8 +1239,12 @@ class Replication:
         """Every REPLICA_INTERVAL_S, send the peer what it lacks (an empty batch tells us
         where it is); at once again while it is more than a batch behind."""
         while True:
-            if not await self.exchange(stream):
-                await asyncio.sleep(REPLICA_INTERVAL_S)
+            try:
+                if await self.exchange(stream):
+                    continue
+            except Exception as error:  # a bug must not end replication for good
+                log(f"replication to {stream.peer.name} failed unexpectedly: {error!r}")
+            await asyncio.sleep(REPLICA_INTERVAL_S)
 
     async def exchange(self, stream):
         """One batch to the peer; True if the peer answered, moved on and still lacks some."""

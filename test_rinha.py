@@ -1797,6 +1797,21 @@ def test_a_sender_restarted_while_its_peer_lags_resumes_where_the_peer_is(fresh,
         receiver.process.stop()
 
 
+def test_a_graceful_stop_streams_what_its_peers_lack_before_it_exits(fresh, tmp_path):
+    default, fallback = fresh
+    sender, receiver = peered(tmp_path, fresh, 2, REPLICA_INTERVAL_S=60)  # no batch but the last
+    try:
+        accepted = pay_many(sender, 20, threads=2)
+        assert wait_until(lambda: drained(sender))
+        assert receiver.summary()["default"]["totalRequests"] == 0
+        assert sender.process.stop() == 0
+        assert receiver.summary()["default"]["totalRequests"] == len(accepted) == 20
+        assert_ledger_matches(receiver, default, fallback)
+    finally:
+        sender.process.stop()
+        receiver.process.stop()
+
+
 def test_purge_needs_the_token_and_empties_every_instance(fresh, tmp_path):
     default, fallback = fresh
     ports = [free_port(), free_port()]
