@@ -1606,7 +1606,7 @@ def test_a_hung_instance_is_taken_out_by_the_balancer_and_payments_keep_their_an
         fresh, pair_behind_haproxy):
     default, fallback = fresh
     (survivor, victim), balancer = pair_behind_haproxy
-    load = Load(balancer.port)
+    load = Load(balancer.port, threads=32)  # many requests caught on the hung one, each retried
     try:
         time.sleep(1)
         victim.process.popen.send_signal(signal.SIGSTOP)
