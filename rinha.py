@@ -69,6 +69,7 @@ PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
 PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
 HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
+TICK_S = env_float("TICK_S", 0.1)
 SHUTDOWN_GRACE_S = env_float("SHUTDOWN_GRACE_S", 10.0)
 
 MAX_HEADER_BYTES = env_int("MAX_HEADER_BYTES", 8192)
@@ -1157,6 +1158,9 @@ class Pipeline:
 # ---------------------------------------------------------------------------
 
 
+POST_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
 class Server:
     """Shared state of the HTTP side: the pipeline, peers, open connections, counters."""
 
@@ -1168,6 +1172,25 @@ class Server:
         self.started = time.monotonic()
         self.gc_pauses = [0, 0.0, 0.0]  # collections, total seconds, longest seconds
         self.gc_started = 0.0
+        self.post_seconds = [0] * (len(POST_BUCKETS_S) + 1)  # histogram of POST /payments; last: +Inf
+        self.post_seconds_sum = 0.0
+        self.lag_now = 0.0  # longest event-loop lag seen in the current second
+        self.loop_lag = 0.0  # ... in the last whole second
+        self.ticks = 0
+
+    def answered_post(self, seconds):
+        self.post_seconds[bisect.bisect_left(POST_BUCKETS_S, seconds)] += 1
+        self.post_seconds_sum += seconds
+
+    def tick(self, late):
+        """Every TICK_S: `late` is how much later than asked this tick ran (the loop's lag).
+        Once a second: close connections that stalled mid-request or idled too long."""
+        self.lag_now = max(self.lag_now, late)
+        self.ticks += 1
+        if self.ticks * TICK_S >= 1.0:
+            self.ticks = 0
+            self.loop_lag, self.lag_now = self.lag_now, 0.0
+            self.sweep()
 
     def on_gc(self, phase, info):
         if phase == "start":
@@ -1179,7 +1202,6 @@ class Server:
             self.gc_pauses[2] = max(self.gc_pauses[2], pause)
 
     def sweep(self):
-        """Once a second: close connections that stalled mid-request or idled too long."""
         now = time.monotonic()
         for connection in list(self.connections):
             connection.check_deadline(now)
@@ -1237,7 +1259,48 @@ class Server:
         statistics["gc"] = {"collections": self.gc_pauses[0],
                             "total_ms": round(self.gc_pauses[1] * 1000, 3),
                             "longest_ms": round(self.gc_pauses[2] * 1000, 3)}
+        statistics["loop_lag_ms"] = round(self.loop_lag * 1000, 3)
         return orjson.dumps(statistics)
+
+    def metrics(self):
+        """The Prometheus text exposition format (version 0.0.4)."""
+        pipeline, out = self.pipeline, []
+
+        def metric(name, kind, text, *samples):  # samples: (labels, value)
+            out.append(f"# HELP rinha_{name} {text}\n# TYPE rinha_{name} {kind}\n")
+            out.extend(f"rinha_{name}{labels} {value}\n" for labels, value in samples)
+        lanes = [(f'{{processor="{PROCESSOR_NAMES[lane.index]}"}}', lane) for lane in pipeline.lanes]
+        metric("payments_accepted_total", "counter", "POST /payments answered 202.", ("", pipeline.accepted))
+        metric("payments_confirmed_total", "counter", "Payments a processor confirmed.",
+               *[(labels, lane.confirmed) for labels, lane in lanes])
+        metric("attempts_failed_total", "counter", "Attempts that taught the breaker a failure.",
+               *[(labels, lane.failed) for labels, lane in lanes])
+        metric("payments_not_ours_total", "counter", "Payments settled uncounted.",
+               ('{reason="duplicate"}', pipeline.duplicates), ('{reason="rejected"}', pipeline.rejected))
+        metric("queue_depth", "gauge", "Accepted payments waiting (pinned ones included).",
+               ("", pipeline.backlog.unsettled - pipeline.in_flight()))
+        metric("pinned", "gauge", "Payments pinned to a processor.", ("", len(pipeline.backlog.pins)))
+        metric("in_flight", "gauge", "Attempts under way.", *[(labels, lane.in_flight) for labels, lane in lanes])
+        metric("in_flight_limit", "gauge", "Attempts allowed at once.", *[(labels, lane.limit) for labels, lane in lanes])
+        metric("processor_latency_seconds", "gauge", "Moving average of answered attempts.",
+               *[(labels, lane.latency) for labels, lane in lanes])
+        metric("breaker_state", "gauge", "1 for the breaker's current state.",
+               *[(f'{{processor="{PROCESSOR_NAMES[lane.index]}",state="{state}"}}', int(lane.breaker.state is state))
+                 for _, lane in lanes for state in (CLOSED, OPEN, HALF_OPEN)])
+        metric("journal_bytes", "gauge", "Size of the journal file.", ("", pipeline.journal.size()))
+        metric("connections", "gauge", "Open client connections.", ("", len(self.connections)))
+        metric("event_loop_lag_seconds", "gauge", "Longest event-loop lag in the last second.", ("", self.loop_lag))
+        total, buckets = 0, []
+        for bound, count in zip((*POST_BUCKETS_S, "+Inf"), self.post_seconds):
+            total += count
+            buckets.append((f'_bucket{{le="{bound}"}}', total))
+        metric("post_payments_seconds", "histogram",
+               "POST /payments, from the read that completed it to the answer written.",
+               *buckets, ("_sum", self.post_seconds_sum), ("_count", total))
+        metric("gc_collections_total", "counter", "Garbage collections.", ("", self.gc_pauses[0]))
+        metric("gc_pause_seconds_total", "counter", "Time spent in garbage collections.", ("", self.gc_pauses[1]))
+        metric("gc_pause_seconds_max", "gauge", "Longest garbage collection.", ("", self.gc_pauses[2]))
+        return "".join(out).encode()
 
 
 class HttpConnection(asyncio.Protocol):
@@ -1341,7 +1404,9 @@ class HttpConnection(asyncio.Protocol):
     def post_payment(self, request, body, keep):
         cid, cents = parse_payment(body)
         self.server.pipeline.accept(cid, cents)
-        return self.answer(ACCEPTED[not keep], keep)
+        keep = self.answer(ACCEPTED[not keep], keep)
+        self.server.answered_post(time.monotonic() - self.active_at)
+        return keep
 
     def get_summary(self, request, body, keep):
         return self.answer_later(self.server.summary(request), request, keep)
@@ -1363,6 +1428,10 @@ class HttpConnection(asyncio.Protocol):
             raise Forbidden("wrong or missing X-Rinha-Token")
         self.server.purge_local()
         return self.answer(PURGED[not keep], keep)
+
+    def get_metrics(self, request, body, keep):
+        return self.answer(response(b"200 OK", self.server.metrics(), b"text/plain; version=0.0.4",
+                                    close=not keep), keep)
 
     def get_health(self, request, body, keep):
         return self.answer(response(b"200 OK", self.server.health(), close=not keep), keep)
@@ -1445,6 +1514,7 @@ ROUTES = {  # path -> (the one method it answers, handler)
     b"/payments-summary": (b"GET", HttpConnection.get_summary),
     b"/purge-payments": (b"POST", HttpConnection.post_purge),
     b"/health": (b"GET", HttpConnection.get_health),
+    b"/metrics": (b"GET", HttpConnection.get_metrics),
     b"/internal/summary": (b"GET", HttpConnection.get_local_summary),  # asked by peers
     b"/internal/purge": (b"POST", HttpConnection.post_local_purge),  # asked by peers
 }
@@ -1486,11 +1556,12 @@ async def serve():
     if HEALTH_INTERVAL_S > 0:
         tasks += [asyncio.ensure_future(pipeline.poll_health(lane)) for lane in pipeline.lanes]
     pipeline.pump()
-    def sweep():
-        nonlocal sweeper
-        server.sweep()
-        sweeper = loop.call_later(1.0, sweep)
-    sweeper = loop.call_later(1.0, sweep)
+    def tick(due):
+        nonlocal ticker
+        now = time.monotonic()
+        server.tick(max(0.0, now - due))
+        ticker = loop.call_later(TICK_S, tick, now + TICK_S)
+    ticker = loop.call_later(TICK_S, tick, time.monotonic() + TICK_S)
 
     stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1512,7 +1583,7 @@ async def serve():
     while pipeline.backlog.unsettled and loop.time() < deadline:
         await asyncio.sleep(0.05)
     pipeline.running = False
-    sweeper.cancel()
+    ticker.cancel()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

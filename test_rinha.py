@@ -1501,6 +1501,32 @@ def test_purge_is_disabled_without_a_configured_token(front):
     assert status == 403 and b"disabled" in body
 
 
+def test_metrics_are_prometheus_text_that_counts_payments_latency_breakers_and_the_loop(fresh, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback)
+    try:
+        assert len(pay_many(instance, 30, threads=3)) == 30
+        assert wait_until(lambda: drained(instance))
+        time.sleep(1.2)  # one whole second of loop-lag measurement
+        status, headers, body = call(instance.port, "GET", "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+        assert samples["rinha_payments_accepted_total", ()] == 30
+        assert samples["rinha_payments_confirmed_total", (("processor", "default"),)] == 30
+        assert samples["rinha_payments_confirmed_total", (("processor", "fallback"),)] == 0
+        assert samples["rinha_post_payments_seconds_count", ()] == 30
+        assert samples["rinha_post_payments_seconds_bucket", (("le", "+Inf"),)] == 30
+        assert samples["rinha_breaker_state", (("processor", "default"), ("state", "closed"))] == 1
+        assert samples["rinha_queue_depth", ()] == 0
+        assert samples["rinha_journal_bytes", ()] == instance.health()["journal_bytes"] > 0
+        assert 0 <= samples["rinha_event_loop_lag_seconds", ()] < 1
+        assert "loop_lag_ms" in instance.health()
+    finally:
+        instance.process.stop()
+
+
 def test_health_reports_live_statistics(front):
     health = front.health()
     for key in ("queue", "in_flight", "pinned", "journal_bytes", "uptime_s", "gc"):
