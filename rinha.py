@@ -11,6 +11,7 @@ client, router and breaker, server, main. Runtime dependencies: uvloop and orjso
 import array
 import asyncio
 import bisect
+import errno
 import gc
 import math
 import os
@@ -53,6 +54,8 @@ DEFAULT_PROCESSOR_URL = env_str("DEFAULT_PROCESSOR_URL", "http://payment-process
 FALLBACK_PROCESSOR_URL = env_str("FALLBACK_PROCESSOR_URL", "http://payment-processor-fallback:8080")
 JOURNAL_PATH = env_str("JOURNAL_PATH", f"./{INSTANCE_ID}.journal")
 JOURNAL_FSYNC = env_int("JOURNAL_FSYNC", 0)
+JOURNAL_RESERVE_BYTES = env_int("JOURNAL_RESERVE_BYTES", 1 << 20)
+JOURNAL_RETRY_S = env_float("JOURNAL_RETRY_S", 0.5)
 PURGE_TOKEN = env_str("PURGE_TOKEN", "")
 
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", 100_000)
@@ -261,6 +264,10 @@ class Unavailable(HttpError):
     closes = False
 
 
+class JournalFull(Unavailable):
+    extra = b"Retry-After: 1\r\n"
+
+
 class PeerUnavailable(HttpError):
     status = b"502 Bad Gateway"
     closes = False
@@ -425,14 +432,18 @@ class Journal:
     U seq    an attempt proved not stored: unpinned        P   purge: ledger emptied
     L proc requested_ms cents     a confirmed payment (compacted form)
     A write that fails or lands short is cut back to the last whole record, so a later record
-    is never glued to a fragment; replay ignores a torn last line."""
-    __slots__ = ("path", "fd", "end", "torn")
+    is never glued to a fragment; replay ignores a torn last line. JOURNAL_RESERVE_BYTES are
+    set aside on the disk beside it: when the disk fills, they are freed for the records of
+    payments already accepted, and the journal is `full` (refusing new ones) until the disk
+    has room for the reserve again."""
+    __slots__ = ("path", "fd", "end", "torn", "full")
 
     def __init__(self, path):
         self.path = path
         self.fd = -1
         self.end = 0  # offset just past the last whole record
         self.torn = False  # a failed write could not be cut back yet
+        self.full = False  # the disk filled up: the reserve is spent
 
     def replay(self, ledger):
         """Rebuild the ledger; return (pending payments {seq: [cid, cents, accepted_ms, pin]}
@@ -474,41 +485,78 @@ class Journal:
         return pending, next_seq
 
     def open_compacted(self, ledger, pending):
-        """Rewrite the journal as the ledger plus the pending payments, then append to it."""
+        """Rewrite the journal as the ledger plus the pending payments, then append to it.
+        If the rewrite fails (a full disk), append to the journal as it is instead."""
         temporary = self.path + ".compact"
-        with open(temporary, "wb") as out:
-            for processor in (DEFAULT, FALLBACK):
-                for ms, cents in ledger.entries(processor):
-                    out.write(b"L %d %d %d\n" % (processor, ms, cents))
-            for seq, (cid, cents, accepted, pin) in pending.items():
-                out.write(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
-                if pin:
-                    out.write(b"S %d %d %d\n" % (seq, pin[0], pin[1]))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
-        if JOURNAL_FSYNC:  # make the rename itself durable
-            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            with open(temporary, "wb") as out:
+                for processor in (DEFAULT, FALLBACK):
+                    for ms, cents in ledger.entries(processor):
+                        out.write(b"L %d %d %d\n" % (processor, ms, cents))
+                for seq, (cid, cents, accepted, pin) in pending.items():
+                    out.write(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
+                    if pin:
+                        out.write(b"S %d %d %d\n" % (seq, pin[0], pin[1]))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.path)
+            if JOURNAL_FSYNC:  # make the rename itself durable
+                directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        except OSError as error:
+            log(f"journal not compacted ({error}); appending to it as it is")
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self.fd).st_size
+        tail = os.pread(self.fd, 4096, max(0, size - 4096))
+        self.end = size - len(tail) + tail.rfind(b"\n") + 1
+        self.torn = self.end != size  # a torn last record: cut before the next append
+        self.full = not self.make_reserve()
+
+    def make_reserve(self):
+        """Set JOURNAL_RESERVE_BYTES aside beside the journal; False if the disk has no room."""
+        try:
+            fd = os.open(self.path + ".reserve", os.O_WRONLY | os.O_CREAT, 0o644)
             try:
-                os.fsync(directory)
+                os.posix_fallocate(fd, 0, max(1, JOURNAL_RESERVE_BYTES))
             finally:
-                os.close(directory)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.end = os.fstat(self.fd).st_size
-        self.torn = False
+                os.close(fd)
+        except OSError:
+            return False
+        return True
+
+    def retry_reserve(self):
+        """While full: leave that state once the disk has room for the reserve again."""
+        if self.full and self.make_reserve():
+            self.full = False
+            log("journal: the disk has room again")
 
     def append(self, line):
-        """Write one whole record, or raise OSError having written nothing of it."""
+        """Write one whole record, or raise OSError having written nothing of it. The first
+        write to find the disk full (an error or a short write) frees the reserve and tries
+        once more."""
         if self.torn:
             self.cut_back()
         try:
             written = os.write(self.fd, line)
-        except OSError:
-            self.cut_back()
-            raise
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self.cut_back()
+                raise
+            written = -1
         if written != len(line):
             self.cut_back()
-            raise OSError("short write to the journal")
+            if self.full:
+                raise OSError(errno.ENOSPC, "the journal's disk is full")
+            self.full = True
+            log("journal: the disk is full; new payments are refused until it has room")
+            if os.path.exists(self.path + ".reserve"):
+                os.unlink(self.path + ".reserve")
+            return self.append(line)
         self.end += written
         if JOURNAL_FSYNC:
             os.fdatasync(self.fd)
@@ -921,6 +969,8 @@ class Pipeline:
         backlog = self.backlog
         if backlog.full():
             raise QueueFull("queue full, retry later")
+        if self.journal.full:
+            raise JournalFull("the journal's disk is full, retry later")
         seq = self.next_seq
         accepted = now_ms()
         try:
@@ -1020,6 +1070,7 @@ class Pipeline:
             self.journal.append(b"S %d %d %d\n" % (seq, lane.index, requested))
         except OSError as error:
             log(f"journal write failed: {error}")
+            await asyncio.sleep(JOURNAL_RETRY_S)  # holding its slot: no retry loop meanwhile
             return JOURNAL_FAILED
         body = PROCESSOR_BODY % (cid, cents_text(cents), iso_ms(requested))
         started = time.monotonic()
@@ -1191,6 +1242,7 @@ class Server:
             self.ticks = 0
             self.loop_lag, self.lag_now = self.lag_now, 0.0
             self.sweep()
+            self.pipeline.journal.retry_reserve()
 
     def on_gc(self, phase, info):
         if phase == "start":

@@ -764,6 +764,68 @@ def test_a_short_journal_write_is_cut_back_so_the_next_record_survives(tmp_path)
     assert ledger.window(0, 0, 10) == (2, 400)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs of our own, and a way to fill it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(directory):
+    """Write a filler file until the disk is full; return its path."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 512):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_refuses_new_payments_forwards_accepted_ones_and_recovers_by_itself(fresh, small_disk):
+    # Issue 9: with the disk full, attempts could not journal their S record and were retried
+    # at once, forever; now the reserve carries the records of payments already accepted.
+    default, fallback = fresh
+    default.configure(failure=True)
+    instance = Instance(small_disk, "api1", default, fallback, JOURNAL_RESERVE_BYTES=65536, BREAKER_RETRY_S=0.05)
+    try:
+        accepted = pay_many(instance, 50, threads=2)
+        assert len(accepted) == 50
+        instance.process.popen.send_signal(signal.SIGSTOP)  # the filler must not take the reserve
+        filler = fill(small_disk)
+        instance.process.popen.send_signal(signal.SIGCONT)
+        for _ in range(500):  # the journal's last page still has room for a few records
+            status, cid = instance.pay()
+            if status != 202:
+                break
+            accepted.append(cid)
+        assert status == 503
+        assert [instance.pay()[0] for _ in range(5)] == [503] * 5
+        default.configure(failure=False)
+        assert wait_until(lambda: drained(instance), timeout=10), instance.health()
+        assert all(default.stored(cid) for cid in accepted)
+        assert_ledger_matches(instance, default, fallback)
+        filler.unlink()
+        assert wait_until(lambda: instance.pay()[0] == 202, timeout=5)
+        assert "unreadable" not in instance.process.output()
+    finally:
+        instance.process.stop()
+    instance.start()  # and everything it journaled replays whole
+    try:
+        assert instance.health()["queue"] == 0
+        assert_ledger_matches(instance, default, fallback)
+    finally:
+        instance.process.stop()
+
+
 # ---------------------------------------------------------------------------
 # Queue
 # ---------------------------------------------------------------------------
