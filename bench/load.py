@@ -4,12 +4,15 @@
 Start the stack first in another terminal (`make run`), then:
 
     python bench/load.py [--max-requests 550] [--duration 60] [--phases bench/phases/contest.json]
-                         [--backend-url http://localhost:9999] [--default-admin-url http://localhost:8001]
+                         [--amounts fixed|random] [--backend-url http://localhost:9999] [--default-admin-url http://localhost:8001]
                          [--fallback-admin-url http://localhost:8002] [--out-dir bench/out]
 
-The same settings may come from the environment (MAX_REQUESTS, DURATION_S, PHASES, BACKEND_URL,
-DEFAULT_ADMIN_URL, FALLBACK_ADMIN_URL, PROCESSOR_TOKEN, PURGE_TOKEN); options win. Writes
-<out-dir>/result.json (the score and its parts), <out-dir>/k6-summary.json (k6's raw summary) and
+The same settings may come from the environment (MAX_REQUESTS, DURATION_S, PHASES, AMOUNTS,
+BACKEND_URL, DEFAULT_ADMIN_URL, FALLBACK_ADMIN_URL, PROCESSOR_TOKEN, PURGE_TOKEN); options win.
+AMOUNTS=fixed (the default) sends 19.90 as the contest does; AMOUNTS=random sends uniform random
+whole cents from 0.01 to 10,000.00. Prints the result and the oracle (bench/oracle.py: the profit
+a router knowing the schedule would have made with the same accepted payments, and the run's
+share of it). Writes <out-dir>/result.json (the score and its parts, the oracle), <out-dir>/k6-summary.json (k6's raw summary) and
 <out-dir>/report.html (k6's web-dashboard report: one self-contained file, opens offline). Exits
 non-zero when k6 cannot run the test or no result comes out of it.
 
@@ -23,6 +26,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from oracle import oracle_for_result, oracle_line
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 K6 = REPO / ".venv" / "bin" / "k6"
@@ -30,7 +35,7 @@ SCRIPT = BENCH / "rinha.js"
 DEFAULT_OUT = BENCH / "out"
 # Settings rinha.js reads from its environment.
 K6_SETTINGS = ("BACKEND_URL", "DEFAULT_ADMIN_URL", "FALLBACK_ADMIN_URL", "MAX_REQUESTS", "DURATION_S",
-               "PHASES", "PROCESSOR_TOKEN", "PURGE_TOKEN")
+               "PHASES", "PROCESSOR_TOKEN", "PURGE_TOKEN", "AMOUNTS")
 
 
 class LoadError(RuntimeError):
@@ -96,6 +101,8 @@ def run_load(env_overrides=None, out_dir=None, *, log_path=None, dashboard=True,
     if not result_path.exists():
         raise LoadError(f"k6 wrote no {result_path}{where}")
     result = json.loads(result_path.read_text())
+    result["oracle"] = oracle_for_result(result)
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
     result["k6_exit_code"] = proc.returncode
     result["out_dir"] = str(out)
     return result
@@ -111,9 +118,16 @@ def backend_payments(backend_url):
         return None
 
 
+def oracle_share(result):
+    """The run's profit as a fraction of the oracle's (None when there is no oracle)."""
+    return (result.get("oracle") or {}).get("share")
+
+
 def summary_line(result):
     """One line for logs: the figures that matter."""
+    share = oracle_share(result)
     return (f"score {result['score']:.2f}  p99 {result['p99']} ms  lag {result['lag']}  "
+            f"oracle share {'-' if share is None else format(share * 100, '.1f') + ' %'}  "
             f"inconsistencies {result['inconsistencies']}  default {result['default']['totalRequests']}  "
             f"fallback {result['fallback']['totalRequests']}  failed POSTs {result['failed_posts']}")
 
@@ -123,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--max-requests", type=int, help="VUs reached at the end of the ramp (550)")
     parser.add_argument("--duration", type=float, help="length of the ramp in seconds (60)")
     parser.add_argument("--phases", help="processor schedule (bench/phases/contest.json)")
+    parser.add_argument("--amounts", choices=["fixed", "random"],
+                        help="fixed: 19.90 (contest); random: uniform 0.01-10,000.00")
     parser.add_argument("--backend-url")
     parser.add_argument("--default-admin-url")
     parser.add_argument("--fallback-admin-url")
@@ -131,6 +147,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     overrides = {
         "MAX_REQUESTS": args.max_requests, "DURATION_S": args.duration, "PHASES": args.phases,
+        "AMOUNTS": args.amounts,
         "BACKEND_URL": args.backend_url, "DEFAULT_ADMIN_URL": args.default_admin_url,
         "FALLBACK_ADMIN_URL": args.fallback_admin_url,
     }
@@ -151,6 +168,7 @@ def main(argv=None):
         return 1
     out = Path(result["out_dir"])
     print(f"load: {summary_line(result)}")
+    print(f"load: {oracle_line(result)}")
     report = out / "report.html"
     print(f"load: wrote {out / 'result.json'}" + (f" and {report}" if report.exists() else ""))
     if not result.get("teardown_ok"):

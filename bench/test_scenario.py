@@ -1,4 +1,5 @@
-"""A short contest scenario through the real stack (part of `make test`, about 25 s).
+"""A short contest scenario through the real stack (part of `make test`, about 25 s), and the
+benchmark tooling's own logic (the oracle, the trace, the capacity search).
 
 bench/arena.py starts the load balancer, two rinha.py instances (limited like the contest when
 possible) and two processor emulators on free ports; bench/rinha.js runs through k6 for 20 s
@@ -6,6 +7,7 @@ ramping to 100 VUs with bench/phases/short.json: the default healthy, then slow 
 6 s, then failing for 3 s, then healthy again; the fallback healthy throughout. The run must end
 with nothing lost, nothing misreported and nothing sent to the fallback while the default was
 merely slow (nor at all, while rinha.py holds payments for the default longer than the outage).
+The amounts are random (AMOUNTS=random), so the backend's totals are compared to the cent.
 """
 import json
 import re
@@ -69,6 +71,7 @@ def scenario(tmp_path_factory):
             "MAX_REQUESTS": MAX_REQUESTS,
             "DURATION_S": DURATION_S,
             "PHASES": PHASES,
+            "AMOUNTS": "random",
         }
         log_path = tmp / "k6.log"
         result = run_load(overrides, tmp / "out", log_path=log_path, dashboard=False, timeout_s=120)
@@ -107,6 +110,24 @@ def test_nothing_lost_or_misreported(scenario):
         == result["successful_posts"], explain(scenario)
 
 
+def test_random_amounts_are_reported_to_the_cent(scenario):
+    result = scenario["result"]
+    assert result["amounts"] == "random"
+    assert result["accepted_cents"] != 1990 * result["successful_posts"], explain(scenario)
+    assert sum(result["accepted_by_sec"]) == result["successful_posts"], explain(scenario)
+    assert result["amount_mismatch_cents"] == {"default": 0, "fallback": 0}, explain(scenario)
+    assert result["amount_lag_cents"] == 0, explain(scenario)
+
+
+def test_oracle_equals_the_run_when_every_payment_reached_the_default(scenario):
+    result = scenario["result"]
+    assert result["lag"] == 0 and result["fallback"]["totalRequests"] == 0, explain(scenario)
+    # Everything went through the default, which the schedule allowed: the oracle can do no better.
+    assert result["oracle"]["routing"]["fallback"]["payments"] == 0, explain(scenario)
+    assert result["oracle"]["profit"] == pytest.approx(result["net"], abs=0.02), explain(scenario)
+    assert result["oracle"]["share"] == pytest.approx(1.0, abs=1e-6), explain(scenario)
+
+
 def test_no_fallback_while_default_merely_slow(scenario):
     result = scenario["result"]
     phases = json.loads(PHASES.read_text())
@@ -135,3 +156,89 @@ def test_no_fallback_for_an_outage_shorter_than_the_hold(scenario):
     assert failing and outage < hold
     assert scenario["whole"]["fallback"]["totalRequests"] == 0, explain(scenario)
     assert scenario["result"]["default"]["totalRequests"] == scenario["result"]["successful_posts"], explain(scenario)
+
+
+# ---------------------------------------------------------------------------
+# The oracle (bench/oracle.py): the best profit from the payments a run accepted.
+# ---------------------------------------------------------------------------
+
+FEES = {"default": 0.05, "fallback": 0.15}
+
+
+def phase(at_s, default=(0, False), fallback=(0, False)):
+    return {"at_s": at_s, "default": {"delay": default[0], "failure": default[1]},
+            "fallback": {"delay": fallback[0], "failure": fallback[1]}}
+
+
+def test_oracle_sends_everything_to_a_healthy_default():
+    from oracle import oracle
+    out = oracle([10, 20], [10_000, 30_000], [phase(0)], FEES, end_s=2.5)
+    assert out["profit"] == pytest.approx(400.00 * 0.95)
+    assert out["routing"]["default"]["payments"] == 30
+
+
+def test_oracle_uses_the_fallback_once_the_default_never_comes_back():
+    from oracle import oracle
+    schedule = [phase(0), phase(1, default=(0, True))]
+    out = oracle([10, 10, 10], [1000, 2000, 3000], schedule, FEES, end_s=3.0)
+    assert out["profit"] == pytest.approx(10.00 * 0.95 + 50.00 * 0.85)
+    assert out["routing"]["fallback"]["payments"] == 20
+
+
+def test_oracle_waits_for_the_default_when_it_recovers_before_the_end():
+    from oracle import oracle
+    schedule = [phase(0), phase(1, default=(0, True)), phase(2)]
+    out = oracle([10, 10, 10], [1000, 2000, 3000], schedule, FEES, end_s=3.0)
+    assert out["profit"] == pytest.approx(60.00 * 0.95)
+    assert out["routing"]["fallback"]["payments"] == 0
+
+
+def test_oracle_earns_nothing_for_payments_no_processor_can_take_before_the_end():
+    from oracle import oracle
+    schedule = [phase(0), phase(2, default=(0, True), fallback=(0, True))]
+    out = oracle([10, 10, 10], [1000, 2000, 3000], schedule, FEES, end_s=3.0)
+    assert out["profit"] == pytest.approx(30.00 * 0.95)
+    assert out["routing"]["unroutable"] == {"payments": 10, "amount": 30.00}
+
+
+def test_oracle_counts_a_slow_processor_800_in_flight_at_most():
+    from oracle import oracle
+    # Default 1 s per payment: 800 per second of sending; a send must land before the end (4 s).
+    schedule = [phase(0, default=(1000, False))]
+    out = oracle([0, 0, 2000, 0], [0, 0, 200_000, 0], schedule, FEES, end_s=4.0)
+    assert out["routing"]["default"]["payments"] == pytest.approx(800)
+    assert out["routing"]["fallback"]["payments"] == pytest.approx(1200)
+
+
+def test_oracle_knows_a_payment_fails_if_the_processor_fails_when_its_delay_ends():
+    from oracle import oracle
+    # Default 2 s per payment and failing from 5 s: sends from 3 s on land in the failure.
+    schedule = [phase(0, default=(2000, False)), phase(5, default=(2000, True))]
+    out = oracle([0, 0, 0, 0, 10, 0, 0], [0, 0, 0, 0, 1000, 0, 0], schedule, FEES, end_s=7.0)
+    assert out["routing"]["default"]["payments"] == 0
+    assert out["routing"]["fallback"]["payments"] == 10
+
+
+def test_oracle_gives_scarce_capacity_to_the_payments_with_fewest_options():
+    from oracle import oracle
+    # Second 0: the default fails, the fallback takes anything. Second 1: the fallback fails and
+    # the default (500 ms per payment) can store the sends of [1, 1.5) before the end at 2 s:
+    # 800 of them. Second 1's payments have only the default: it must go to them, and second
+    # 0's to the fallback.
+    schedule = [phase(0, default=(0, True)), phase(1, default=(500, False), fallback=(0, True))]
+    out = oracle([800, 800], [80_000, 80_000], schedule, FEES, end_s=2.0)
+    assert out["routing"]["default"]["payments"] == pytest.approx(800)
+    assert out["routing"]["fallback"]["payments"] == pytest.approx(800)
+    assert out["routing"]["unroutable"]["payments"] == 0
+
+
+def test_oracle_for_result_ignores_phases_the_test_never_reached():
+    from oracle import oracle_for_result
+    result = {"teardown_ok": True, "net": 19.0, "duration_s": 2, "fee_rates": FEES,
+              "accepted_by_sec": [1, 1, 0], "accepted_cents_by_sec": [1000, 1000, 0],
+              "schedule": [phase(0), phase(2, default=(0, True))],  # not applied: at_s >= DURATION_S
+              "scenario_start_epoch_ms": 1_000_000, "teardown_epoch_ms": 1_003_000}
+    out = oracle_for_result(result)
+    assert out["profit"] == pytest.approx(20.00 * 0.95)
+    assert out["share"] == pytest.approx(1.0)
+    assert oracle_for_result({**result, "teardown_ok": False}) is None
