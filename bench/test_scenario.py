@@ -57,6 +57,7 @@ def scenario(tmp_path_factory):
         pytest.skip("bench/arena.py does not exist yet")
     from arena import Arena
     from load import arena_targets, run_load
+    from tailtrace import arena_targets as trace_targets
 
     tmp = tmp_path_factory.mktemp("scenario")
     run_dir = Path("/tmp") / f"rinha-scenario-{secrets.token_hex(4)}"  # short: unix socket paths
@@ -74,7 +75,8 @@ def scenario(tmp_path_factory):
             "AMOUNTS": "random",
         }
         log_path = tmp / "k6.log"
-        result = run_load(overrides, tmp / "out", log_path=log_path, dashboard=False, timeout_s=120)
+        result = run_load(overrides, tmp / "out", log_path=log_path, dashboard=False, timeout_s=120,
+                          trace_targets=trace_targets(arena))
         # The whole run as the processors saw it (teardown restored the initial token).
         whole = {name: admin_summary(url, arena.token)
                  for name, url in (("default", arena.default_url), ("fallback", arena.fallback_url))}
@@ -126,6 +128,26 @@ def test_oracle_equals_the_run_when_every_payment_reached_the_default(scenario):
     assert result["oracle"]["routing"]["fallback"]["payments"] == 0, explain(scenario)
     assert result["oracle"]["profit"] == pytest.approx(result["net"], abs=0.02), explain(scenario)
     assert result["oracle"]["share"] == pytest.approx(1.0, abs=1e-6), explain(scenario)
+
+
+def test_trace_covers_every_second_of_the_run(scenario):
+    result = scenario["result"]
+    trace = json.loads(Path(result["trace"]["json"]).read_text())
+    assert Path(result["trace"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {row["sec"]: row for row in trace["rows"]}
+    # Every POST k6 made is in exactly one second, and every second of the ramp has some.
+    assert sum(row["requests"] for row in trace["rows"]) == result["successful_posts"] + result["failed_posts"]
+    assert all(rows[k]["requests"] > 0 for k in range(DURATION_S)), explain(scenario)
+    assert trace["processes"] == ["api1", "api2", "load-balancer"]
+    assert trace["instances"] == ["api1", "api2"]
+    # The sampler saw both instances answer /health and measured CPU in (nearly) every second.
+    seconds = range(1, DURATION_S - 1)
+    assert all(rows[k]["health"]["api1"]["health_ms"] is not None for k in seconds), explain(scenario)
+    assert all(rows[k]["cpu"]["api2"] is not None for k in seconds), explain(scenario)
+    assert sum(rows[k]["cpu"]["api1"] for k in seconds) > 0
+    # The slowest 1 % are located in seconds of the run.
+    assert trace["tail_requests"] == sum(row["in_tail"] for row in trace["rows"])
+    assert 0 < trace["tail_requests"] <= 0.011 * trace["requests"] + 1
 
 
 def test_no_fallback_while_default_merely_slow(scenario):
@@ -242,3 +264,44 @@ def test_oracle_for_result_ignores_phases_the_test_never_reached():
     assert out["profit"] == pytest.approx(20.00 * 0.95)
     assert out["share"] == pytest.approx(1.0)
     assert oracle_for_result({**result, "teardown_ok": False}) is None
+
+
+# ---------------------------------------------------------------------------
+# The trace (bench/tailtrace.py): per-second latency and stack figures.
+# ---------------------------------------------------------------------------
+
+def test_trace_digest_puts_each_request_in_its_second_and_finds_the_slowest(tmp_path):
+    from tailtrace import digest, plot
+    start_ms = 1_000_000_000
+    points = tmp_path / "k6-points.csv"
+    lines = ["metric_name,timestamp,metric_value,expected_response,name,status,extra_tags,metadata"]
+    # Second 0: 99 requests of 1 ms; second 1: 99 of 2 ms and two of 50 ms (the tail); other
+    # metrics and other request names are ignored; one 500 in second 1.
+    lines += [f"http_req_duration,{start_ms + 10 + i},1.0,true,payments,202,," for i in range(99)]
+    lines += [f"http_req_duration,{start_ms + 1000 + i},2.0,true,payments,202,," for i in range(99)]
+    lines += [f"http_req_duration,{start_ms + 1500},50.0,true,payments,202,,",
+              f"http_req_duration,{start_ms + 1600},50.0,false,payments,500,,",
+              f"http_req_waiting,{start_ms + 1600},70.0,true,payments,202,,",
+              f"http_req_duration,{start_ms + 1600},90.0,true,summary,200,,"]
+    points.write_text("\n".join(lines) + "\n")
+    t0 = start_ms / 1000
+    samples = [{"t": t0 + k, "cpu_s": {"api1": 0.25 * k}, "throttled": None,
+                "health": {"api1": {"health_ms": 1.0, "loop_lag_ms": 3.0 * k, "queue": k}}} for k in range(4)]
+    result = {"scenario_start_epoch_ms": start_ms, "duration_s": 2,
+              "schedule": [{"at_s": 0, "default": {"delay": 0, "failure": False},
+                            "fallback": {"delay": 0, "failure": True}}]}
+    trace = digest(points, samples, result)
+    rows = {row["sec"]: row for row in trace["rows"]}
+    assert rows[0]["requests"] == 99 and rows[1]["requests"] == 101
+    assert rows[1]["failed"] == 1
+    assert rows[0]["p50_ms"] == 1.0 and rows[1]["max_ms"] == 50.0
+    assert trace["requests"] == 200
+    assert rows[1]["in_tail"] == trace["tail_requests"] == 2
+    assert trace["tail_seconds"][0]["sec"] == 1
+    # 0.25 CPU seconds per wall second: a quarter of a core, in the second the interval covers.
+    assert rows[0]["cpu"]["api1"] == pytest.approx(0.25) and rows[2]["cpu"]["api1"] == pytest.approx(0.25)
+    # The lag sampled at t covers the second before it.
+    assert rows[1]["health"]["api1"]["loop_lag_ms"] == 6.0
+    assert trace["has_loop_lag"]
+    plot(trace, tmp_path / "trace.png", "unit")
+    assert (tmp_path / "trace.png").read_bytes()[:4] == b"\x89PNG"
