@@ -305,3 +305,36 @@ def test_trace_digest_puts_each_request_in_its_second_and_finds_the_slowest(tmp_
     assert trace["has_loop_lag"]
     plot(trace, tmp_path / "trace.png", "unit")
     assert (tmp_path / "trace.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------
+# RESULTS.md tables and the capacity search (bench/bench.py, bench/capacity.py).
+# ---------------------------------------------------------------------------
+
+def test_insert_row_goes_to_the_end_of_its_own_table(tmp_path):
+    from bench import insert_row
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n## Other\n\n| x |\n| --- |\n| 9 |\n")
+    insert_row("| 3 | 4 |", "| a | b |", path=path)
+    insert_row("| 10 |", "| x |", path=path)
+    insert_row("| new |", "| n |", section="## New\n\nlegend\n", path=path)
+    insert_row("| newer |", "| n |", section="## New\n\nlegend\n", path=path)
+    assert path.read_text() == ("# Results\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n| 3 | 4 |\n\n## Other\n\n"
+                                "| x |\n| --- |\n| 9 |\n| 10 |\n\n## New\n\nlegend\n\n| n |\n| --- |\n"
+                                "| new |\n| newer |\n")
+
+
+def test_capacity_is_the_highest_step_with_every_step_below_it_sustained():
+    from capacity import sustained_rate
+
+    def step(rate, p99, failed=0, done=1.0):
+        return {"rate": rate, "requests": int(rate * 5 * done), "p99_ms": p99, "failed": failed}
+    result = {"step_s": 5, "steps": [step(500, 2.0), step(1000, 3.0), step(1500, 9.9), step(2000, 10.5),
+                                     step(2500, 4.0)]}
+    assert sustained_rate(result)[0] == 1500  # 2000 misses the p99; 2500 does not count after it
+    result["steps"][1] = step(1000, 3.0, failed=1)
+    assert sustained_rate(result)[0] == 500
+    result["steps"][1] = step(1000, 3.0, done=0.9)  # k6 could not offer the rate: not sustained
+    assert sustained_rate(result)[0] == 500
+    result["steps"][0] = step(500, None)
+    assert sustained_rate(result) == (0, None)
