@@ -346,6 +346,7 @@ def plot(trace, png_path, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter
 
     rows = trace["rows"]
     secs = [r["sec"] + 0.5 for r in rows]
@@ -367,6 +368,10 @@ def plot(trace, png_path, title=""):
     if trace["p99_ms"] is not None:
         ax.axhline(trace["p99_ms"], color="k", lw=0.8, alpha=0.5, label=f"run p99 {trace['p99_ms']:.2f} ms")
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_ylabel("POST /payments (ms)\nas k6 saw it")
     ax2 = ax.twinx()
     ax2.bar(secs, [r["in_tail"] for r in rows], width=0.8, color="grey", alpha=0.25)
@@ -413,6 +418,7 @@ def write_trace(out_dir, samples, result, title=""):
     out = Path(out_dir)
     points = out / K6_POINTS
     trace = digest(points, samples, result)
+    trace["title"] = title
     (out / "trace.json").write_text(json.dumps(trace) + "\n")
     plot(trace, out / "trace.png", title)
     if points.exists():
@@ -427,7 +433,7 @@ def main(argv=None):
         return 2
     out = Path(argv[0])
     trace = json.loads((out / "trace.json").read_text())
-    plot(trace, out / "trace.png", re.sub(r"\s+", " ", str(out)))
+    plot(trace, out / "trace.png", trace.get("title") or re.sub(r"\s+", " ", str(out)))
     print(f"trace: wrote {out / 'trace.png'}")
     return 0
 
