@@ -274,9 +274,16 @@ def digest(points_path, samples, result):
     cpu = {n: _per_second_cpu(samples, start_s, n) for n in names}
     throttled = _per_second_throttled(samples, start_s)
     health = {}
+    previous_gc = {}
     for s in samples:
         sec = int(math.floor(s["t"] - SAMPLE_EVERY_S / 2 - start_s))  # the lag covers the last second
         for n, h in s["health"].items():
+            h = dict(h)
+            # GC time since the previous sample (rinha.py reports a running total)
+            total, before = h.get("gc_total_ms"), previous_gc.get(n)
+            h["gc_ms"] = total - before if total is not None and before is not None and total >= before else None
+            if total is not None:
+                previous_gc[n] = total
             health.setdefault(sec, {})[n] = h
     seconds = sorted(set(durations) | set(cpu.get(names[0], {}) if names else set()) | set(health))
     seconds = [k for k in seconds if k >= 0]
@@ -397,6 +404,11 @@ def plot(trace, png_path, title=""):
     label = "event-loop lag, max over the last second (ms)" if key == "loop_lag_ms" else "GET /health answer time (ms)"
     for name in trace["instances"]:
         ax.plot(secs, [r["health"].get(name, {}).get(key) for r in rows], label=f"{name} {key}", lw=1.2)
+    for name in trace["instances"]:
+        gc = [(x, r["health"].get(name, {}).get("gc_ms")) for x, r in zip(secs, rows)]
+        gc = [(x, v) for x, v in gc if v]
+        if gc:
+            ax.scatter([x for x, _ in gc], [v for _, v in gc], marker="v", s=18, label=f"{name} GC ms in the second")
     ax.set_ylabel(label, fontsize=8)
     ax4 = ax.twinx()
     for name in trace["instances"]:

@@ -286,7 +286,8 @@ def test_trace_digest_puts_each_request_in_its_second_and_finds_the_slowest(tmp_
     points.write_text("\n".join(lines) + "\n")
     t0 = start_ms / 1000
     samples = [{"t": t0 + k, "cpu_s": {"api1": 0.25 * k}, "throttled": None,
-                "health": {"api1": {"health_ms": 1.0, "loop_lag_ms": 3.0 * k, "queue": k}}} for k in range(4)]
+                "health": {"api1": {"health_ms": 1.0, "loop_lag_ms": 3.0 * k, "queue": k,
+                                    "gc_total_ms": 0.5 * k * k}}} for k in range(4)]
     result = {"scenario_start_epoch_ms": start_ms, "duration_s": 2,
               "schedule": [{"at_s": 0, "default": {"delay": 0, "failure": False},
                             "fallback": {"delay": 0, "failure": True}}]}
@@ -302,6 +303,7 @@ def test_trace_digest_puts_each_request_in_its_second_and_finds_the_slowest(tmp_
     assert rows[0]["cpu"]["api1"] == pytest.approx(0.25) and rows[2]["cpu"]["api1"] == pytest.approx(0.25)
     # The lag sampled at t covers the second before it.
     assert rows[1]["health"]["api1"]["loop_lag_ms"] == 6.0
+    assert rows[1]["health"]["api1"]["gc_ms"] == pytest.approx(1.5)  # 2.0 - 0.5 ms of GC in that second
     assert trace["has_loop_lag"]
     plot(trace, tmp_path / "trace.png", "unit")
     assert (tmp_path / "trace.png").read_bytes()[:4] == b"\x89PNG"
