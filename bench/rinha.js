@@ -406,7 +406,7 @@ function report(r) {
     `  inconsistencies            ${r.inconsistencies}   -> fine ${(r.fine * 100).toFixed(0)} %` +
       (r.consistency_check_errors ? `   (${r.consistency_check_errors} checks could not run)` : ''),
     `  lag                        ${r.lag}${r.disqualified ? '   DISQUALIFIED (negative lag)' : ''}`,
-    `  amounts (${r.amounts})${' '.repeat(Math.max(1, 19 - r.amounts.length))}accepted ${fmt(r.accepted_cents / 100)}, ` +
+    `  ${`amounts (${r.amounts})`.padEnd(27)}accepted ${fmt(r.accepted_cents / 100)}, ` +
       `reported ${fmt((r.reported_cents.default + r.reported_cents.fallback) / 100)}` +
       (r.amount_mismatch_cents.default || r.amount_mismatch_cents.fallback ?
         `   MISMATCH with the processors: default ${r.amount_mismatch_cents.default} cents, ` +
