@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test load bench clean
+.PHONY: run test load bench scenarios clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -29,11 +29,16 @@ run: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q test_rinha.py bench/
 
+# Variables read by the scripts (see README): load: MAX_REQUESTS, DURATION_S, PHASES, AMOUNTS,
+# TRACE; bench: the same and CAPACITY, LB; scenarios: SCENARIOS, MAX_REQUESTS, DURATION_S, TRACE, LB.
 load: $(VENV)/.dev
 	$(BIN)/python bench/load.py
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/bench.py
+
+scenarios: $(VENV)/.dev
+	$(BIN)/python bench/scenarios.py
 
 clean:
 	rm -rf $(VENV) bench/out run
