@@ -23,7 +23,7 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 # make run and make load share a purge token, so each load starts from an empty ledger.
 run load: export PURGE_TOKEN ?= local-arena
 
-run: $(VENV)/.runtime
+run: $(VENV)/.dev
 	$(BIN)/python bench/arena.py
 
 test: $(VENV)/.dev
