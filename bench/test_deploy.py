@@ -72,7 +72,9 @@ def is_app(svc):
 
 
 def app_services(c):
-    return {n: s for n, s in services(c).items() if is_app(s)}
+    """Services built from the repo, and services running the image one of those builds."""
+    built = {s.get("image") for s in services(c).values() if is_app(s)} - {None}
+    return {n: s for n, s in services(c).items() if is_app(s) or s.get("image") in built}
 
 
 def lb_backends(c):
