@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test load bench clean
+.PHONY: run test load bench clean docker docker-down
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -34,6 +34,17 @@ load: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/bench.py
+
+# The compose stack on a real Docker engine (bench/docker.py): engine installed and dockerd
+# started when missing, left running on :9999 for `make load`. `make docker-down IMAGES=1`
+# also removes the images built for it.
+docker: export PURGE_TOKEN ?= local-arena
+
+docker: | $(BIN)/python
+	$(BIN)/python bench/docker.py up
+
+docker-down: | $(BIN)/python
+	$(BIN)/python bench/docker.py down $(if $(IMAGES),--images)
 
 clean:
 	rm -rf $(VENV) bench/out run

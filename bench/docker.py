@@ -624,6 +624,10 @@ class Stack:
             docker("network", "create", "--driver", "bridge", "--label", f"{OWNER_LABEL}={self.project}", self.network)
         for name, fee in PROCESSORS.items():
             cname = self.processor_container(name)
+            labels = run(["docker", "container", "inspect", "--format", "{{json .Config.Labels}}", cname], check=False)
+            if labels.strip() and (json.loads(labels) or {}).get(OWNER_LABEL) != self.project:
+                self.log(f"using the running {cname} (not started here: the contest's processors?)")
+                continue
             docker("rm", "-f", cname, check=False)
             port = self.admin_ports[name]
             argv = ["run", "-d", "--name", cname, "--network", self.network, "--label", f"{OWNER_LABEL}={self.project}",
@@ -670,7 +674,10 @@ class Stack:
                 pass
         self.compose("down", "-v", "--remove-orphans", "--timeout", "30", check=False)
         for name in PROCESSORS:
-            docker("rm", "-f", self.processor_container(name), check=False)
+            cname = self.processor_container(name)
+            labels = run(["docker", "container", "inspect", "--format", "{{json .Config.Labels}}", cname], check=False)
+            if labels.strip() and (json.loads(labels) or {}).get(OWNER_LABEL) == self.project:
+                docker("rm", "-f", cname, check=False)
         labels = run(["docker", "network", "inspect", "--format", "{{json .Labels}}", self.network], check=False)
         if labels.strip() and (json.loads(labels) or {}).get(OWNER_LABEL) == self.project:
             docker("network", "rm", self.network, check=False)
