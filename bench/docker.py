@@ -247,6 +247,9 @@ def _pid_is_dockerd(pid) -> bool:
     return _read(f"/proc/{pid}/comm") == "dockerd"
 
 
+_SPAWNED = {}  # pid -> Popen of the dockerd this process started (so that stopping it reaps it)
+
+
 class Dockerd:
     """Start dockerd when none answers; stop it (and restore the host) only if we started it.
 
@@ -280,6 +283,7 @@ class Dockerd:
         self.proc = subprocess.Popen([_which("dockerd")], stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        _SPAWNED[self.proc.pid] = self.proc
         DOCKERD_STATE.write_text(json.dumps({"pid": self.proc.pid, "owner": owner, "host": before}))
         deadline = time.monotonic() + DOCKERD_READY_S
         while not engine_answers():
@@ -312,9 +316,10 @@ class Dockerd:
         DOCKERD_STATE.unlink(missing_ok=True)
         return True
 
-    def _alive(self, pid):
-        if self.proc is not None and self.proc.pid == pid:
-            return self.proc.poll() is None
+    @staticmethod
+    def _alive(pid):
+        if pid in _SPAWNED:
+            return _SPAWNED[pid].poll() is None
         return _pid_alive(pid)
 
 
@@ -726,7 +731,7 @@ class Stack:
                 "PURGE_TOKEN": self.purge_token}
 
 
-def run_bench(stack, phases=None, out_dir=None, log_path=None, max_requests=None, duration_s=None):
+def run_bench(stack, phases=None, out_dir=None, log_path=None, max_requests=None, duration_s=None, timeout_s=None):
     """The contest scenario (bench/rinha.js through bench/load.py) against a running stack.
 
     Returns load.py's result plus "containers": {service: {cpu_s, peak_memory_bytes}} over the run
@@ -741,7 +746,7 @@ def run_bench(stack, phases=None, out_dir=None, log_path=None, max_requests=None
             overrides[key] = value
     stack.reset_peak_memory()
     before = stack.cgroup_counters()
-    result = run_load(overrides, out_dir, log_path=log_path, dashboard=False)
+    result = run_load(overrides, out_dir, log_path=log_path, dashboard=False, timeout_s=timeout_s)
     after = stack.cgroup_counters()
     containers = {s: {"cpu_s": after[s]["cpu_s"] - before[s]["cpu_s"],
                       "peak_memory_bytes": after[s]["peak_memory_bytes"]} for s in after}

@@ -136,11 +136,9 @@ def proc_uid(pid):
 
 
 def test_short_scenario_through_the_compose_stack_loses_nothing(stack, tmp_path):
-    from load import run_load
-
-    overrides = {**stack.load_targets(), "MAX_REQUESTS": MAX_REQUESTS, "DURATION_S": DURATION_S, "PHASES": PHASES}
     log_path = tmp_path / "k6.log"
-    result = run_load(overrides, tmp_path / "out", log_path=log_path, dashboard=False, timeout_s=180)
+    result = engine.run_bench(stack, phases=PHASES, out_dir=tmp_path / "out", log_path=log_path,
+                              max_requests=MAX_REQUESTS, duration_s=DURATION_S, timeout_s=180)
     explain = json.dumps(result, indent=1) + "\n" + "\n".join(log_path.read_text().splitlines()[-20:]) \
         + "\n" + stack.logs_tail()
     assert result["teardown_ok"], explain
@@ -150,6 +148,13 @@ def test_short_scenario_through_the_compose_stack_loses_nothing(stack, tmp_path)
     assert result["lag"] == 0, explain
     assert result["default"]["totalRequests"] == result["default"]["processorTotalRequests"], explain
     assert result["fallback"]["totalRequests"] == result["fallback"]["processorTotalRequests"], explain
+    # The bench's figures come from each container's own cgroup, within the compose limits.
+    limits = arena.compose_limits()
+    assert set(result["containers"]) == set(limits), explain
+    for service, figures in result["containers"].items():
+        assert figures["cpu_s"] > 0, (service, figures)
+        assert 0 < figures["peak_memory_bytes"] <= limits[service][1], (service, figures)
+    assert result["cpu_s_per_payment"] > 0
 
 
 def test_docker_applies_the_compose_limits_restart_policy_and_users(stack):
