@@ -51,11 +51,13 @@ def stack():
     project = f"rinhatest{secrets.token_hex(3)}"
     stack = engine.Stack(project=project, lb_port=0, admin_ports={"default": 0, "fallback": 0},
                          isolated=True, purge_token=secrets.token_hex(8))
+    stack.test_owner, stack.test_started_dockerd = owner, started
     try:
         stack.up()
         yield stack
     finally:
-        stack.down()
+        if engine.engine_answers():
+            stack.down()  # again, when the last test did not get that far
         if started:
             engine.Dockerd().stop(owner=owner)
 
@@ -239,3 +241,29 @@ def test_compose_builds_the_image_once(stack):
     assert len(built) == 1, f"compose built the image {len(built)} times ({built}):\n{out[-2000:]}"
     ids = {stack.inspect(service)["Image"] for service in engine.INSTANCES}
     assert len(ids) == 1, f"the instances run different images: {ids}"
+
+
+def leftovers(stack):
+    """What of the stack is still on the engine: compose-labelled objects, emulators, network."""
+    project = f"label=com.docker.compose.project={stack.project}"
+    found = {
+        "containers": engine.docker("ps", "-aq", "--filter", project).split(),
+        "volumes": engine.docker("volume", "ls", "-q", "--filter", project).split(),
+        "networks": engine.docker("network", "ls", "-q", "--filter", project).split(),
+        "emulators": engine.docker("ps", "-aq", "--filter", f"label={engine.OWNER_LABEL}={stack.project}").split(),
+        "emulator network": engine.docker("network", "ls", "-q", "--filter", f"name=^{stack.network}$").split(),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+# Last: takes the stack down (as `make docker-down` does).
+def test_down_removes_the_stack_and_a_dockerd_started_here_leaves_the_host_as_it_was(stack):
+    assert leftovers(stack), "the stack should be up before down"
+    stack.down()
+    assert leftovers(stack) == {}
+    if not stack.test_started_dockerd:
+        return  # an engine was already running: it is not ours to stop
+    before = engine.Dockerd.state()["host"]
+    assert engine.Dockerd().stop(owner=stack.test_owner)
+    assert not engine.engine_answers()
+    assert engine.host_snapshot() == before
