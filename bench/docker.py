@@ -22,7 +22,8 @@ This module owns everything between a bare Debian 12 machine and the compose sta
 
     python bench/docker.py up [--port 9999]      # make docker: leaves the stack running
     python bench/docker.py down [--images]       # make docker-down
-    python bench/docker.py bench [--phases F]    # the contest scenario against a stack of its own
+    python bench/docker.py bench [--phases F] [--max-requests N] [--duration S]
+                                                 # the contest scenario on a stack of its own
     python bench/docker.py install               # only the engine and compose (for CI)
 
 Importable: ensure_engine(), Dockerd, ensure_base_images(), Stack.
@@ -758,7 +759,7 @@ def run_bench(stack, phases=None, out_dir=None, log_path=None, max_requests=None
 
 
 def bench_line(result):
-    per = ", ".join(f"{s} {c['cpu_s']:.1f} CPU-s / {c['peak_memory_bytes'] / 2**20:.1f} MB peak"
+    per = ", ".join(f"{s} {c["cpu_s"]:.2f} CPU-s / {c['peak_memory_bytes'] / 2**20:.1f} MB peak"
                     for s, c in result["containers"].items())
     cpp = result["cpu_s_per_payment"]
     return (f"score {result['score']:.2f}  p99 {result['p99']} ms  inconsistencies {result['inconsistencies']}  "
@@ -804,7 +805,8 @@ def cmd_bench(args):
                   purge_token=secrets.token_hex(8))
     try:
         stack.up()
-        result = run_bench(stack, phases=args.phases, out_dir=args.out_dir)
+        result = run_bench(stack, phases=args.phases, out_dir=args.out_dir, max_requests=args.max_requests,
+                           duration_s=args.duration)
         print(json.dumps({k: result[k] for k in ("score", "p99", "cpu_s_per_payment", "containers")}, indent=1))
         _log(bench_line(result))
     finally:
@@ -828,6 +830,8 @@ def main(argv=None):
     down.add_argument("--images", action="store_true", help="also remove the images built for the stack")
     bench = sub.add_parser("bench", help="the contest scenario against a compose stack of its own")
     bench.add_argument("--phases", default=None, help="processor schedule (bench/phases/contest.json)")
+    bench.add_argument("--max-requests", type=int, default=None, help="VUs at the end of the ramp (550)")
+    bench.add_argument("--duration", type=float, default=None, help="length of the ramp in seconds (60)")
     bench.add_argument("--out-dir", default=str(BENCH / "out" / "docker"))
     sub.add_parser("install", help="install the engine and compose v2 only")
     for sp in (up, down):
