@@ -759,7 +759,7 @@ def run_bench(stack, phases=None, out_dir=None, log_path=None, max_requests=None
 
 
 def bench_line(result):
-    per = ", ".join(f"{s} {c["cpu_s"]:.2f} CPU-s / {c['peak_memory_bytes'] / 2**20:.1f} MB peak"
+    per = ", ".join(f"{s} {c['cpu_s']:.2f} CPU-s / {c['peak_memory_bytes'] / 2**20:.1f} MB peak"
                     for s, c in result["containers"].items())
     cpp = result["cpu_s_per_payment"]
     return (f"score {result['score']:.2f}  p99 {result['p99']} ms  inconsistencies {result['inconsistencies']}  "
