@@ -89,6 +89,7 @@ PROCESSOR_TOKEN = "123"
 PROCESSOR_PORT = 8080
 
 DOCKER_LINK_PREFIXES = ("docker", "br-", "veth")  # links dockerd creates
+DOCKER_CHAIN_MARK = "DOCKER"                       # in the nftables tables dockerd adds or changes
 BRIDGE_SYSCTLS = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
 
 
@@ -187,7 +188,7 @@ def _read(path):
 
 
 def _nft_tables():
-    """{'family name': ruleset text} of every nftables table."""
+    """{'family name': ruleset text without counters} of every nftables table."""
     if not _which("nft"):
         return {}
     out = run([_which("nft"), "list", "tables"], check=False)
@@ -196,7 +197,7 @@ def _nft_tables():
         parts = line.split()
         if len(parts) == 3 and parts[0] == "table":
             key = f"{parts[1]} {parts[2]}"
-            tables[key] = run([_which("nft"), "list", "table", parts[1], parts[2]], check=False)
+            tables[key] = run([_which("nft"), "-s", "list", "table", parts[1], parts[2]], check=False)
     return tables
 
 
@@ -223,8 +224,8 @@ def restore_host(before: dict, log=_log):
     nft = _which("nft")
     after = _nft_tables()
     for key, text in after.items():
-        if before["nft"].get(key) == text:
-            continue
+        if before["nft"].get(key) == text or DOCKER_CHAIN_MARK not in text:
+            continue  # unchanged, or changed by someone else than dockerd
         family, name = key.split()
         run([nft, "delete", "table", family, name], check=False)
         if key in before["nft"]:
