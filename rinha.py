@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import errno
 import gc
+import itertools
 import math
 import os
 import re
@@ -56,6 +57,8 @@ JOURNAL_PATH = env_str("JOURNAL_PATH", f"./{INSTANCE_ID}.journal")
 JOURNAL_FSYNC = env_int("JOURNAL_FSYNC", 0)
 JOURNAL_RESERVE_BYTES = env_int("JOURNAL_RESERVE_BYTES", 1 << 20)
 JOURNAL_RETRY_S = env_float("JOURNAL_RETRY_S", 0.5)
+JOURNAL_COMPACT_BYTES = env_int("JOURNAL_COMPACT_BYTES", 16 << 20)
+JOURNAL_COMPACT_SLICE = env_int("JOURNAL_COMPACT_SLICE", 2000)
 PURGE_TOKEN = env_str("PURGE_TOKEN", "")
 
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", 100_000)
@@ -423,6 +426,13 @@ class Ledger:
         for i in range(len(times)):
             yield times[i], prefix[i + 1] - prefix[i]
 
+    def copy(self):
+        """A snapshot (a memory copy of the arrays: about 2 ms per million payments)."""
+        twin = Ledger.__new__(Ledger)
+        twin.times = tuple(column[:] for column in self.times)
+        twin.prefix = tuple(column[:] for column in self.prefix)
+        return twin
+
 
 class Journal:
     """Append-only record of this instance; seq numbers its accepted payments, so two payments
@@ -436,7 +446,7 @@ class Journal:
     set aside on the disk beside it: when the disk fills, they are freed for the records of
     payments already accepted, and the journal is `full` (refusing new ones) until the disk
     has room for the reserve again."""
-    __slots__ = ("path", "fd", "end", "torn", "full")
+    __slots__ = ("path", "fd", "end", "torn", "full", "compacted", "compacting")
 
     def __init__(self, path):
         self.path = path
@@ -444,6 +454,8 @@ class Journal:
         self.end = 0  # offset just past the last whole record
         self.torn = False  # a failed write could not be cut back yet
         self.full = False  # the disk filled up: the reserve is spent
+        self.compacted = 0  # size right after the last compaction
+        self.compacting = False
 
     def replay(self, ledger):
         """Rebuild the ledger; return (pending payments {seq: [cid, cents, accepted_ms, pin]}
@@ -490,22 +502,10 @@ class Journal:
         temporary = self.path + ".compact"
         try:
             with open(temporary, "wb") as out:
-                for processor in (DEFAULT, FALLBACK):
-                    for ms, cents in ledger.entries(processor):
-                        out.write(b"L %d %d %d\n" % (processor, ms, cents))
-                for seq, (cid, cents, accepted, pin) in pending.items():
-                    out.write(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
-                    if pin:
-                        out.write(b"S %d %d %d\n" % (seq, pin[0], pin[1]))
+                out.writelines(snapshot_records(ledger, pending))
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-            if JOURNAL_FSYNC:  # make the rename itself durable
-                directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+            self.replace_with(temporary)
         except OSError as error:
             log(f"journal not compacted ({error}); appending to it as it is")
             if os.path.exists(temporary):
@@ -513,9 +513,54 @@ class Journal:
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         size = os.fstat(self.fd).st_size
         tail = os.pread(self.fd, 4096, max(0, size - 4096))
-        self.end = size - len(tail) + tail.rfind(b"\n") + 1
+        self.end = self.compacted = size - len(tail) + tail.rfind(b"\n") + 1
         self.torn = self.end != size  # a torn last record: cut before the next append
         self.full = not self.make_reserve()
+
+    def replace_with(self, temporary):
+        """Rename a complete, synced rewrite over the journal (and sync the directory)."""
+        os.replace(temporary, self.path)
+        if JOURNAL_FSYNC:  # make the rename itself durable
+            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+    def due_for_compaction(self):
+        return not self.compacting and self.end > max(JOURNAL_COMPACT_BYTES, 2 * self.compacted)
+
+    async def compact(self, ledger, pending, start):
+        """While running: write the state as it was when the journal ended at `start` (ledger:
+        a copy, pending payments) to a new file, JOURNAL_COMPACT_SLICE records per turn of the
+        loop; then, in one turn, add the records appended since, sync, and rename it over the
+        journal. A crash before the rename leaves the old journal whole; after it, the new one."""
+        temporary, fd = self.path + ".compact", -1
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            records = snapshot_records(ledger, pending)
+            while True:
+                chunk = b"".join(itertools.islice(records, JOURNAL_COMPACT_SLICE))
+                if not chunk:
+                    break
+                write_whole(fd, chunk)
+                await asyncio.sleep(0)
+            write_whole(fd, os.pread(self.fd, self.end - start, start))  # appended meanwhile
+            os.fsync(fd)
+            self.replace_with(temporary)
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o644)
+            self.end = self.compacted = os.fstat(self.fd).st_size
+            self.torn = False
+            log(f"journal compacted while running: {start} -> {self.end} bytes")
+        except OSError as error:
+            log(f"journal not compacted: {error}")
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            self.compacting = False
 
     def make_reserve(self):
         """Set JOURNAL_RESERVE_BYTES aside beside the journal; False if the disk has no room."""
@@ -571,6 +616,23 @@ class Journal:
         return self.end
 
 
+def snapshot_records(ledger, pending):
+    """The journal records that rebuild this state: the ledger's payments, then the pending
+    ones ({seq: [cid, cents, accepted_ms, pin]}) with their pins."""
+    for processor in (DEFAULT, FALLBACK):
+        for ms, cents in ledger.entries(processor):
+            yield b"L %d %d %d\n" % (processor, ms, cents)
+    for seq, (cid, cents, accepted, pin) in pending.items():
+        yield b"A %d %s %d %d\n" % (seq, cid, cents, accepted)
+        if pin:
+            yield b"S %d %d %d\n" % (seq, pin[0], pin[1])
+
+
+def write_whole(fd, data):
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "short write")
+
+
 # ---------------------------------------------------------------------------
 # Queue
 # Accepted payments not yet settled, as immutable (seq, cid, cents, accepted_ms) tuples the
@@ -580,12 +642,13 @@ class Journal:
 
 
 class Backlog:
-    __slots__ = ("ready", "pinned", "pins", "unsettled")
+    __slots__ = ("ready", "pinned", "pins", "flying", "unsettled")
 
     def __init__(self):
         self.ready = deque()  # free to go anywhere
         self.pinned = (deque(), deque())  # per processor: pinned to it, waiting for it
         self.pins = {}  # seq -> (processor, requested_ms, settle_from) of an attempt that may land
+        self.flying = {}  # seq -> (payment, processor, requested_ms) of the attempt under way
         self.unsettled = 0  # accepted, neither confirmed nor settled as not ours
 
     def full(self):
@@ -1055,6 +1118,7 @@ class Pipeline:
         pin = self.backlog.pins.get(payment[0])
         # A pinned payment is re-sent with the same requestedAt, so a 422 can prove it ours.
         requested = pin[1] if pin is not None else now_ms()
+        self.backlog.flying[payment[0]] = (payment, lane.index, requested)
         try:
             outcome = await self.send(payment, lane, requested, state is PINNED)
         except Exception as error:  # a bug must not strand the payment: the table settles it
@@ -1115,6 +1179,7 @@ class Pipeline:
             lane.failed += signal is FAILURE
         seq, cid, cents, _ = payment
         backlog = self.backlog
+        backlog.flying.pop(seq, None)
         if after is PINNED:
             earlier = backlog.pins.get(seq)
             settle_from = now if earlier is None or outcome in MAY_LAND_LATER else earlier[2]
@@ -1139,6 +1204,26 @@ class Pipeline:
                     self.duplicates += 1
                 self.journal_quietly(b"X %d\n" % seq)
         self.pump_soon()
+
+    def pending(self):
+        """Every unsettled payment as replay would rebuild it, in order of acceptance;
+        one under way is pinned where its attempt went (its S record says the same)."""
+        backlog, state = self.backlog, {}
+        for payment in backlog.ready:
+            state[payment[0]] = [payment[1], payment[2], payment[3], None]
+        for waiting in backlog.pinned:
+            for payment in waiting:
+                state[payment[0]] = [payment[1], payment[2], payment[3], backlog.pins[payment[0]][:2]]
+        for payment, processor, requested in backlog.flying.values():
+            state[payment[0]] = [payment[1], payment[2], payment[3], (processor, requested)]
+        return dict(sorted(state.items()))
+
+    def compact_if_due(self):
+        journal = self.journal
+        if journal.due_for_compaction():
+            journal.compacting = True  # the state and the offset it matches, taken together:
+            work = journal.compact(self.ledger.copy(), self.pending(), journal.end)
+            asyncio.get_running_loop().create_task(work)
 
     def journal_quietly(self, line):
         try:
@@ -1243,6 +1328,7 @@ class Server:
             self.loop_lag, self.lag_now = self.lag_now, 0.0
             self.sweep()
             self.pipeline.journal.retry_reserve()
+            self.pipeline.compact_if_due()
 
     def on_gc(self, phase, info):
         if phase == "start":

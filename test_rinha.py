@@ -764,6 +764,33 @@ def test_a_short_journal_write_is_cut_back_so_the_next_record_survives(tmp_path)
     assert ledger.window(0, 0, 10) == (2, 400)
 
 
+def test_the_journal_is_compacted_while_running_and_a_kill_during_it_loses_and_doubles_nothing(fresh, tmp_path):
+    # Issue 9: the journal grew by ~120 bytes a payment and was compacted only at start.
+    default, fallback = fresh
+    default.configure(delay=20)
+    instance = Instance(tmp_path, "api1", default, fallback, JOURNAL_COMPACT_BYTES=20000, JOURNAL_COMPACT_SLICE=50)
+    accepted = []
+    sender = threading.Thread(target=lambda: accepted.extend(pay_many(instance, 6000, threads=2)))
+    sender.start()
+    assert wait_until(lambda: "compacted while running" in instance.process.output(), timeout=30)
+    instance.process.stop(signal.SIGKILL)  # payments still arriving, maybe another compaction under way
+    sender.join()
+    instance.start()
+    try:
+        default.configure(delay=0)
+        assert wait_until(lambda: drained(instance), timeout=15)
+        assert all(default.stored(cid) for cid in accepted)
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] == len(accepted) > 0
+        assert len(pay_many(instance, 1000)) == 1000  # ~120 bytes of records each
+        assert wait_until(lambda: drained(instance))
+        assert wait_until(lambda: "compacted while running" in instance.process.output())
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert instance.health()["journal_bytes"] < 50 * mine["default"]["totalRequests"]  # ~25 each
+    finally:
+        instance.process.stop()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs of our own, and a way to fill it."""
