@@ -62,6 +62,7 @@ JOURNAL_COMPACT_SLICE = env_int("JOURNAL_COMPACT_SLICE", 2000)
 PURGE_TOKEN = env_str("PURGE_TOKEN", "")
 
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", 100_000)
+REMEMBERED_IDS = env_int("REMEMBERED_IDS", 200_000)
 IN_FLIGHT_MIN = env_int("IN_FLIGHT_MIN", 4)
 IN_FLIGHT_CAP = env_int("IN_FLIGHT_CAP", 300)
 FORWARD_RATE = env_float("FORWARD_RATE", 2000.0)
@@ -659,6 +660,25 @@ class Backlog:
         return len(self.ready) >= QUEUE_CAPACITY * FALLBACK_QUEUE_FRACTION
 
 
+class RecentIds:
+    """The last REMEMBERED_IDS correlationIds accepted: one sent again (a client retrying) is
+    the same payment, answered 202 again and never queued, or forwarded, a second time."""
+    __slots__ = ("known", "order")
+
+    def __init__(self, ids=()):
+        self.known = set()
+        self.order = deque()
+        for cid in ids:
+            self.add(cid)
+
+    def add(self, cid):
+        if cid not in self.known:
+            self.known.add(cid)
+            self.order.append(cid)
+            if len(self.order) > REMEMBERED_IDS:
+                self.known.discard(self.order.popleft())
+
+
 # ---------------------------------------------------------------------------
 # Processor client
 # A keep-alive HTTP/1.1 connection pool per upstream (processor or peer), over TCP or
@@ -1009,6 +1029,7 @@ class Pipeline:
         self.journal = journal
         self.ledger = ledger
         self.backlog = Backlog()
+        self.recent = RecentIds(entry[0] for entry in (pending or {}).values())
         self.lanes = (Lane(DEFAULT, DEFAULT_PROCESSOR_URL), Lane(FALLBACK, FALLBACK_PROCESSOR_URL))
         self.next_seq = next_seq
         self.accepted = self.duplicates = self.rejected = 0
@@ -1028,7 +1049,11 @@ class Pipeline:
 
     # -- accepting ---------------------------------------------------------
     def accept(self, cid, cents):
-        """Journal then queue a payment; HttpError if it cannot be taken safely."""
+        """Journal then queue a payment; HttpError if it cannot be taken safely. An id
+        accepted already is the same payment: nothing more to do."""
+        if cid in self.recent.known:
+            self.duplicates += 1
+            return
         backlog = self.backlog
         if backlog.full():
             raise QueueFull("queue full, retry later")
@@ -1042,6 +1067,7 @@ class Pipeline:
             log(f"journal write failed: {error}")
             raise Unavailable("journal unavailable") from None
         self.next_seq = seq + 1
+        self.recent.add(cid)
         backlog.ready.append((seq, cid, cents, accepted))
         backlog.unsettled += 1
         self.accepted += 1
@@ -1218,6 +1244,9 @@ class Pipeline:
             state[payment[0]] = [payment[1], payment[2], payment[3], (processor, requested)]
         return dict(sorted(state.items()))
 
+    def pending_ids(self):
+        return [entry[0] for entry in self.pending().values()]
+
     def compact_if_due(self):
         journal = self.journal
         if journal.due_for_compaction():
@@ -1372,6 +1401,7 @@ class Server:
 
     def purge_local(self):
         self.pipeline.ledger.clear()
+        self.pipeline.recent = RecentIds(self.pipeline.pending_ids())
         self.pipeline.journal_quietly(b"P\n")
         log("ledger purged")
 

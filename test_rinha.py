@@ -1272,10 +1272,31 @@ def test_a_duplicate_correlation_id_is_forwarded_once_and_counted_once(fresh, tm
         cid = str(uuid.uuid4())
         assert instance.pay(cid)[0] == 202
         assert wait_until(lambda: drained(instance))
-        assert instance.pay(cid)[0] == 202  # accepted, then the processor's 422 settles it
+        assert instance.pay(cid)[0] == 202  # the same payment again: answered, not queued twice
         assert wait_until(lambda: drained(instance) and instance.health()["duplicates"] == 1)
         mine = assert_ledger_matches(instance, default, fallback)
         assert mine["default"]["totalRequests"] == 1
+    finally:
+        instance.process.stop()
+
+
+def test_an_id_sent_again_while_the_default_is_down_is_not_stored_by_the_fallback_too(fresh, tmp_path):
+    # A client retrying sends the same id again; each copy used to be routed on its own, so
+    # with the default down long enough the second went to the fallback: stored in both.
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_AFTER_S=0.3, BREAKER_RETRY_S=0.05)
+    try:
+        cid = str(uuid.uuid4())
+        assert instance.pay(cid)[0] == 202
+        assert wait_until(lambda: drained(instance))
+        default.configure(failure=True)
+        assert instance.pay()[0] == 202  # another payment: it finds the default down
+        time.sleep(1.0)
+        assert instance.pay(cid, amount=19.90)[0] == 202
+        assert wait_until(lambda: drained(instance), timeout=5)
+        default.configure(failure=False)
+        assert default.stored(cid) and not fallback.stored(cid)
+        assert_ledger_matches(instance, default, fallback)
     finally:
         instance.process.stop()
 
