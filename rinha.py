@@ -1274,8 +1274,10 @@ class Pipeline:
                 waiting, pins = self.backlog.pinned[lane.index], self.backlog.pins
                 for payment in [p for p in waiting if now - pins[p[0]][2] >= PIN_SETTLE_S]:
                     waiting.remove(payment)
-                    outcome = await self.lookup(lane, payment[1], pins[payment[0]][1])
-                    self.settle(payment, lane, PINNED, outcome, pins[payment[0]][1])
+                    requested = pins[payment[0]][1]
+                    self.backlog.flying[payment[0]] = (payment, lane.index, requested)  # for pending()
+                    outcome = await self.lookup(lane, payment[1], requested)
+                    self.settle(payment, lane, PINNED, outcome, requested)
 
     async def poll_health(self, lane):
         """GET /payments/service-health every HEALTH_INTERVAL_S (shared limit: 1 per 5 s)."""

@@ -1037,6 +1037,30 @@ def test_only_answers_that_cannot_have_stored_free_a_payment_and_only_proof_conf
         assert (after is rinha.CONFIRMED) == (outcome in (rinha.OK, rinha.STORED_OURS, rinha.FOUND_OURS))
 
 
+def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_writes(monkeypatch, tmp_path):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the lookup hangs
+    monkeypatch.setattr(rinha, "DEFAULT_PROCESSOR_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(rinha, "PIN_SETTLE_S", 0.0)
+    monkeypatch.setattr(rinha, "PIN_CHECK_INTERVAL_S", 0.01)
+
+    async def run():
+        pipeline = rinha.Pipeline(rinha.Journal(str(tmp_path / "j")), rinha.Ledger(),
+                                  {5: [b"cid", 100, 1, (rinha.DEFAULT, 77)]}, 6)
+        pipeline.lanes[rinha.DEFAULT].breaker.state = rinha.OPEN  # so the pin is looked up
+        pipeline.lanes[rinha.DEFAULT].breaker.retry_at = 1e12
+        checker = asyncio.ensure_future(pipeline.check_pins())
+        await asyncio.sleep(0.3)
+        assert not pipeline.backlog.pinned[rinha.DEFAULT]  # out of its line: being looked up
+        snapshot = pipeline.pending()
+        pipeline.running = False
+        checker.cancel()
+        return snapshot
+    try:
+        assert asyncio.run(run()) == {5: [b"cid", 100, 1, (rinha.DEFAULT, 77)]}
+    finally:
+        silent.close()
+
+
 def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_fallback():
     pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
     default, fallback = pipeline.lanes
