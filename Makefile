@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test load bench clean
+.PHONY: run test load bench scenarios clean docker docker-down
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -23,17 +23,33 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 # make run and make load share a purge token, so each load starts from an empty ledger.
 run load: export PURGE_TOKEN ?= local-arena
 
-run: $(VENV)/.runtime
+run: $(VENV)/.dev
 	$(BIN)/python bench/arena.py
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q test_rinha.py bench/
 
+# Variables read by the scripts (see README): load: MAX_REQUESTS, DURATION_S, PHASES, AMOUNTS,
+# TRACE; bench: the same and CAPACITY, LB; scenarios: SCENARIOS, MAX_REQUESTS, DURATION_S, TRACE, LB.
 load: $(VENV)/.dev
 	$(BIN)/python bench/load.py
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/bench.py
+
+scenarios: $(VENV)/.dev
+	$(BIN)/python bench/scenarios.py
+
+# The compose stack on a real Docker engine (bench/docker.py): engine installed and dockerd
+# started when missing, left running on :9999 for `make load`. `make docker-down IMAGES=1`
+# also removes the images built for it.
+docker: export PURGE_TOKEN ?= local-arena
+
+docker: | $(BIN)/python
+	$(BIN)/python bench/docker.py up
+
+docker-down: | $(BIN)/python
+	$(BIN)/python bench/docker.py down $(if $(IMAGES),--images)
 
 clean:
 	rm -rf $(VENV) bench/out run

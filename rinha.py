@@ -11,7 +11,9 @@ client, router and breaker, server, main. Runtime dependencies: uvloop and orjso
 import array
 import asyncio
 import bisect
+import errno
 import gc
+import itertools
 import math
 import os
 import re
@@ -53,9 +55,14 @@ DEFAULT_PROCESSOR_URL = env_str("DEFAULT_PROCESSOR_URL", "http://payment-process
 FALLBACK_PROCESSOR_URL = env_str("FALLBACK_PROCESSOR_URL", "http://payment-processor-fallback:8080")
 JOURNAL_PATH = env_str("JOURNAL_PATH", f"./{INSTANCE_ID}.journal")
 JOURNAL_FSYNC = env_int("JOURNAL_FSYNC", 0)
+JOURNAL_RESERVE_BYTES = env_int("JOURNAL_RESERVE_BYTES", 1 << 20)
+JOURNAL_RETRY_S = env_float("JOURNAL_RETRY_S", 0.5)
+JOURNAL_COMPACT_BYTES = env_int("JOURNAL_COMPACT_BYTES", 16 << 20)
+JOURNAL_COMPACT_SLICE = env_int("JOURNAL_COMPACT_SLICE", 2000)
 PURGE_TOKEN = env_str("PURGE_TOKEN", "")
 
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", 100_000)
+REMEMBERED_IDS = env_int("REMEMBERED_IDS", 200_000)
 IN_FLIGHT_MIN = env_int("IN_FLIGHT_MIN", 4)
 IN_FLIGHT_CAP = env_int("IN_FLIGHT_CAP", 300)
 FORWARD_RATE = env_float("FORWARD_RATE", 2000.0)
@@ -69,6 +76,7 @@ PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
 PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
 HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
+TICK_S = env_float("TICK_S", 0.1)
 REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.05)
 REPLICA_BATCH = env_int("REPLICA_BATCH", 500)
 REPLICA_READY_MAX_S = env_float("REPLICA_READY_MAX_S", 3.0)
@@ -263,6 +271,10 @@ class Unavailable(HttpError):
     closes = False
 
 
+class JournalFull(Unavailable):
+    extra = b"Retry-After: 1\r\n"
+
+
 class PeerUnavailable(HttpError):
     status = b"502 Bad Gateway"
     closes = False
@@ -435,6 +447,15 @@ class Ledger:
         for i in range(0, len(log), 3):
             yield log[i], log[i + 1], log[i + 2]
 
+    def copy(self):
+        """A snapshot (a memory copy of the arrays: about 2 ms per million payments)."""
+        twin = Ledger.__new__(Ledger)
+        twin.times = tuple(column[:] for column in self.times)
+        twin.prefix = tuple(column[:] for column in self.prefix)
+        twin.log = None if self.log is None else self.log[:]
+        twin.epoch = self.epoch
+        return twin
+
 
 class Journal:
     """Append-only record of this instance; seq numbers its accepted payments, so two payments
@@ -444,14 +465,20 @@ class Journal:
     U seq    an attempt proved not stored: unpinned        P epoch   purge: ledger emptied
     L proc requested_ms cents     a confirmed payment (compacted form)
     A write that fails or lands short is cut back to the last whole record, so a later record
-    is never glued to a fragment; replay ignores a torn last line."""
-    __slots__ = ("path", "fd", "end", "torn")
+    is never glued to a fragment; replay ignores a torn last line. JOURNAL_RESERVE_BYTES are
+    set aside on the disk beside it: when the disk fills, they are freed for the records of
+    payments already accepted, and the journal is `full` (refusing new ones) until the disk
+    has room for the reserve again."""
+    __slots__ = ("path", "fd", "end", "torn", "full", "compacted", "compacting")
 
     def __init__(self, path):
         self.path = path
         self.fd = -1
         self.end = 0  # offset just past the last whole record
         self.torn = False  # a failed write could not be cut back yet
+        self.full = False  # the disk filled up: the reserve is spent
+        self.compacted = 0  # size right after the last compaction
+        self.compacting = False
 
     def replay(self, ledger):
         """Rebuild the ledger; return (pending payments {seq: [cid, cents, accepted_ms, pin]}
@@ -493,21 +520,28 @@ class Journal:
         return pending, next_seq
 
     def open_compacted(self, ledger, pending):
-        """Rewrite the journal as the ledger plus the pending payments, then append to it."""
+        """Rewrite the journal as the ledger plus the pending payments, then append to it.
+        If the rewrite fails (a full disk), append to the journal as it is instead."""
         temporary = self.path + ".compact"
-        with open(temporary, "wb") as out:
-            # The epoch (after a purge), then the L lines in confirmation order, so a replay
-            # rebuilds the confirmation log entry by entry: peers hold it by index (Replication).
-            if ledger.epoch:
-                out.write(b"P %d\n" % ledger.epoch)
-            for processor, ms, cents in ledger.entries():
-                out.write(b"L %d %d %d\n" % (processor, ms, cents))
-            for seq, (cid, cents, accepted, pin) in pending.items():
-                out.write(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
-                if pin:
-                    out.write(b"S %d %d %d\n" % (seq, pin[0], pin[1]))
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(temporary, "wb") as out:
+                out.writelines(snapshot_records(ledger, pending))
+                out.flush()
+                os.fsync(out.fileno())
+            self.replace_with(temporary)
+        except OSError as error:
+            log(f"journal not compacted ({error}); appending to it as it is")
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self.fd).st_size
+        tail = os.pread(self.fd, 4096, max(0, size - 4096))
+        self.end = self.compacted = size - len(tail) + tail.rfind(b"\n") + 1
+        self.torn = self.end != size  # a torn last record: cut before the next append
+        self.full = not self.make_reserve()
+
+    def replace_with(self, temporary):
+        """Rename a complete, synced rewrite over the journal (and sync the directory)."""
         os.replace(temporary, self.path)
         if JOURNAL_FSYNC:  # make the rename itself durable
             directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
@@ -515,22 +549,82 @@ class Journal:
                 os.fsync(directory)
             finally:
                 os.close(directory)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.end = os.fstat(self.fd).st_size
-        self.torn = False
+
+    def due_for_compaction(self):
+        return not self.compacting and self.end > max(JOURNAL_COMPACT_BYTES, 2 * self.compacted)
+
+    async def compact(self, ledger, pending, start):
+        """While running: write the state as it was when the journal ended at `start` (ledger:
+        a copy, pending payments) to a new file, JOURNAL_COMPACT_SLICE records per turn of the
+        loop; then, in one turn, add the records appended since, sync, and rename it over the
+        journal. A crash before the rename leaves the old journal whole; after it, the new one."""
+        temporary, fd = self.path + ".compact", -1
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            records = snapshot_records(ledger, pending)
+            while True:
+                chunk = b"".join(itertools.islice(records, JOURNAL_COMPACT_SLICE))
+                if not chunk:
+                    break
+                write_whole(fd, chunk)
+                await asyncio.sleep(0)
+            write_whole(fd, os.pread(self.fd, self.end - start, start))  # appended meanwhile
+            os.fsync(fd)
+            self.replace_with(temporary)
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o644)
+            self.end = self.compacted = os.fstat(self.fd).st_size
+            self.torn = False
+            log(f"journal compacted while running: {start} -> {self.end} bytes")
+        except OSError as error:
+            log(f"journal not compacted: {error}")
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            self.compacting = False
+
+    def make_reserve(self):
+        """Set JOURNAL_RESERVE_BYTES aside beside the journal; False if the disk has no room."""
+        try:
+            fd = os.open(self.path + ".reserve", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, max(1, JOURNAL_RESERVE_BYTES))
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
+
+    def retry_reserve(self):
+        """While full: leave that state once the disk has room for the reserve again."""
+        if self.full and self.make_reserve():
+            self.full = False
+            log("journal: the disk has room again")
 
     def append(self, line):
-        """Write one whole record, or raise OSError having written nothing of it."""
+        """Write one whole record, or raise OSError having written nothing of it. The first
+        write to find the disk full (an error or a short write) frees the reserve and tries
+        once more."""
         if self.torn:
             self.cut_back()
         try:
             written = os.write(self.fd, line)
-        except OSError:
-            self.cut_back()
-            raise
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self.cut_back()
+                raise
+            written = -1
         if written != len(line):
             self.cut_back()
-            raise OSError("short write to the journal")
+            if self.full:
+                raise OSError(errno.ENOSPC, "the journal's disk is full")
+            self.full = True
+            log("journal: the disk is full; new payments are refused until it has room")
+            if os.path.exists(self.path + ".reserve"):
+                os.unlink(self.path + ".reserve")
+            return self.append(line)
         self.end += written
         if JOURNAL_FSYNC:
             os.fdatasync(self.fd)
@@ -545,6 +639,26 @@ class Journal:
         return self.end
 
 
+def snapshot_records(ledger, pending):
+    """The journal records that rebuild this state: the ledger's payments, then the pending
+    ones ({seq: [cid, cents, accepted_ms, pin]}) with their pins. The epoch (after a purge)
+    comes first, then the L lines in confirmation order, so a replay rebuilds the
+    confirmation log entry by entry: peers hold it by index (see Replication)."""
+    if ledger.epoch:
+        yield b"P %d\n" % ledger.epoch
+    for processor, ms, cents in ledger.entries():
+        yield b"L %d %d %d\n" % (processor, ms, cents)
+    for seq, (cid, cents, accepted, pin) in pending.items():
+        yield b"A %d %s %d %d\n" % (seq, cid, cents, accepted)
+        if pin:
+            yield b"S %d %d %d\n" % (seq, pin[0], pin[1])
+
+
+def write_whole(fd, data):
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "short write")
+
+
 # ---------------------------------------------------------------------------
 # Queue
 # Accepted payments not yet settled, as immutable (seq, cid, cents, accepted_ms) tuples the
@@ -554,12 +668,13 @@ class Journal:
 
 
 class Backlog:
-    __slots__ = ("ready", "pinned", "pins", "unsettled")
+    __slots__ = ("ready", "pinned", "pins", "flying", "unsettled")
 
     def __init__(self):
         self.ready = deque()  # free to go anywhere
         self.pinned = (deque(), deque())  # per processor: pinned to it, waiting for it
         self.pins = {}  # seq -> (processor, requested_ms, settle_from) of an attempt that may land
+        self.flying = {}  # seq -> (payment, processor, requested_ms) of the attempt under way
         self.unsettled = 0  # accepted, neither confirmed nor settled as not ours
 
     def full(self):
@@ -568,6 +683,25 @@ class Backlog:
     def nearly_full(self):
         """Waiting to go anywhere past FALLBACK_QUEUE_FRACTION of the capacity."""
         return len(self.ready) >= QUEUE_CAPACITY * FALLBACK_QUEUE_FRACTION
+
+
+class RecentIds:
+    """The last REMEMBERED_IDS correlationIds accepted: one sent again (a client retrying) is
+    the same payment, answered 202 again and never queued, or forwarded, a second time."""
+    __slots__ = ("known", "order")
+
+    def __init__(self, ids=()):
+        self.known = set()
+        self.order = deque()
+        for cid in ids:
+            self.add(cid)
+
+    def add(self, cid):
+        if cid not in self.known:
+            self.known.add(cid)
+            self.order.append(cid)
+            if len(self.order) > REMEMBERED_IDS:
+                self.known.discard(self.order.popleft())
 
 
 # ---------------------------------------------------------------------------
@@ -920,6 +1054,7 @@ class Pipeline:
         self.journal = journal
         self.ledger = ledger
         self.backlog = Backlog()
+        self.recent = RecentIds(entry[0] for entry in (pending or {}).values())
         self.lanes = (Lane(DEFAULT, DEFAULT_PROCESSOR_URL), Lane(FALLBACK, FALLBACK_PROCESSOR_URL))
         self.next_seq = next_seq
         self.accepted = self.duplicates = self.rejected = 0
@@ -939,10 +1074,16 @@ class Pipeline:
 
     # -- accepting ---------------------------------------------------------
     def accept(self, cid, cents):
-        """Journal then queue a payment; HttpError if it cannot be taken safely."""
+        """Journal then queue a payment; HttpError if it cannot be taken safely. An id
+        accepted already is the same payment: nothing more to do."""
+        if cid in self.recent.known:
+            self.duplicates += 1
+            return
         backlog = self.backlog
         if backlog.full():
             raise QueueFull("queue full, retry later")
+        if self.journal.full:
+            raise JournalFull("the journal's disk is full, retry later")
         seq = self.next_seq
         accepted = now_ms()
         try:
@@ -951,6 +1092,7 @@ class Pipeline:
             log(f"journal write failed: {error}")
             raise Unavailable("journal unavailable") from None
         self.next_seq = seq + 1
+        self.recent.add(cid)
         backlog.ready.append((seq, cid, cents, accepted))
         backlog.unsettled += 1
         self.accepted += 1
@@ -1027,6 +1169,7 @@ class Pipeline:
         pin = self.backlog.pins.get(payment[0])
         # A pinned payment is re-sent with the same requestedAt, so a 422 can prove it ours.
         requested = pin[1] if pin is not None else now_ms()
+        self.backlog.flying[payment[0]] = (payment, lane.index, requested)
         try:
             outcome = await self.send(payment, lane, requested, state is PINNED)
         except Exception as error:  # a bug must not strand the payment: the table settles it
@@ -1042,6 +1185,7 @@ class Pipeline:
             self.journal.append(b"S %d %d %d\n" % (seq, lane.index, requested))
         except OSError as error:
             log(f"journal write failed: {error}")
+            await asyncio.sleep(JOURNAL_RETRY_S)  # holding its slot: no retry loop meanwhile
             return JOURNAL_FAILED
         body = PROCESSOR_BODY % (cid, cents_text(cents), iso_ms(requested))
         started = time.monotonic()
@@ -1086,6 +1230,7 @@ class Pipeline:
             lane.failed += signal is FAILURE
         seq, cid, cents, _ = payment
         backlog = self.backlog
+        backlog.flying.pop(seq, None)
         if after is PINNED:
             earlier = backlog.pins.get(seq)
             settle_from = now if earlier is None or outcome in MAY_LAND_LATER else earlier[2]
@@ -1111,6 +1256,29 @@ class Pipeline:
                 self.journal_quietly(b"X %d\n" % seq)
         self.pump_soon()
 
+    def pending(self):
+        """Every unsettled payment as replay would rebuild it, in order of acceptance;
+        one under way is pinned where its attempt went (its S record says the same)."""
+        backlog, state = self.backlog, {}
+        for payment in backlog.ready:
+            state[payment[0]] = [payment[1], payment[2], payment[3], None]
+        for waiting in backlog.pinned:
+            for payment in waiting:
+                state[payment[0]] = [payment[1], payment[2], payment[3], backlog.pins[payment[0]][:2]]
+        for payment, processor, requested in backlog.flying.values():
+            state[payment[0]] = [payment[1], payment[2], payment[3], (processor, requested)]
+        return dict(sorted(state.items()))
+
+    def pending_ids(self):
+        return [entry[0] for entry in self.pending().values()]
+
+    def compact_if_due(self):
+        journal = self.journal
+        if journal.due_for_compaction():
+            journal.compacting = True  # the state and the offset it matches, taken together:
+            work = journal.compact(self.ledger.copy(), self.pending(), journal.end)
+            asyncio.get_running_loop().create_task(work)
+
     def journal_quietly(self, line):
         try:
             self.journal.append(line)
@@ -1131,8 +1299,10 @@ class Pipeline:
                 waiting, pins = self.backlog.pinned[lane.index], self.backlog.pins
                 for payment in [p for p in waiting if now - pins[p[0]][2] >= PIN_SETTLE_S]:
                     waiting.remove(payment)
-                    outcome = await self.lookup(lane, payment[1], pins[payment[0]][1])
-                    self.settle(payment, lane, PINNED, outcome, pins[payment[0]][1])
+                    requested = pins[payment[0]][1]
+                    self.backlog.flying[payment[0]] = (payment, lane.index, requested)  # for pending()
+                    outcome = await self.lookup(lane, payment[1], requested)
+                    self.settle(payment, lane, PINNED, outcome, requested)
 
     async def poll_health(self, lane):
         """GET /payments/service-health every HEALTH_INTERVAL_S (shared limit: 1 per 5 s)."""
@@ -1374,6 +1544,9 @@ def get_ready(connection, request, body, keep):
 # ---------------------------------------------------------------------------
 
 
+POST_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
 class Server:
     """Shared state of the HTTP side: the pipeline, peers, open connections, counters."""
 
@@ -1386,6 +1559,27 @@ class Server:
         self.started = time.monotonic()
         self.gc_pauses = [0, 0.0, 0.0]  # collections, total seconds, longest seconds
         self.gc_started = 0.0
+        self.post_seconds = [0] * (len(POST_BUCKETS_S) + 1)  # histogram of POST /payments; last: +Inf
+        self.post_seconds_sum = 0.0
+        self.lag_now = 0.0  # longest event-loop lag seen in the current second
+        self.loop_lag = 0.0  # ... in the last whole second
+        self.ticks = 0
+
+    def answered_post(self, seconds):
+        self.post_seconds[bisect.bisect_left(POST_BUCKETS_S, seconds)] += 1
+        self.post_seconds_sum += seconds
+
+    def tick(self, late):
+        """Every TICK_S: `late` is how much later than asked this tick ran (the loop's lag).
+        Once a second: close connections that stalled mid-request or idled too long."""
+        self.lag_now = max(self.lag_now, late)
+        self.ticks += 1
+        if self.ticks * TICK_S >= 1.0:
+            self.ticks = 0
+            self.loop_lag, self.lag_now = self.lag_now, 0.0
+            self.sweep()
+            self.pipeline.journal.retry_reserve()
+            self.pipeline.compact_if_due()
 
     def on_gc(self, phase, info):
         if phase == "start":
@@ -1397,7 +1591,6 @@ class Server:
             self.gc_pauses[2] = max(self.gc_pauses[2], pause)
 
     def sweep(self):
-        """Once a second: close connections that stalled mid-request or idled too long."""
         now = time.monotonic()
         for connection in list(self.connections):
             connection.check_deadline(now)
@@ -1434,6 +1627,7 @@ class Server:
 
     def purge_local(self, epoch):
         self.replication.purge(epoch)
+        self.pipeline.recent = RecentIds(self.pipeline.pending_ids())
         self.pipeline.journal_quietly(b"P %d\n" % epoch)
         log(f"ledger and replicas purged: epoch {epoch}")
 
@@ -1460,7 +1654,48 @@ class Server:
         statistics["gc"] = {"collections": self.gc_pauses[0],
                             "total_ms": round(self.gc_pauses[1] * 1000, 3),
                             "longest_ms": round(self.gc_pauses[2] * 1000, 3)}
+        statistics["loop_lag_ms"] = round(self.loop_lag * 1000, 3)
         return orjson.dumps(statistics)
+
+    def metrics(self):
+        """The Prometheus text exposition format (version 0.0.4)."""
+        pipeline, out = self.pipeline, []
+
+        def metric(name, kind, text, *samples):  # samples: (labels, value)
+            out.append(f"# HELP rinha_{name} {text}\n# TYPE rinha_{name} {kind}\n")
+            out.extend(f"rinha_{name}{labels} {value}\n" for labels, value in samples)
+        lanes = [(f'{{processor="{PROCESSOR_NAMES[lane.index]}"}}', lane) for lane in pipeline.lanes]
+        metric("payments_accepted_total", "counter", "POST /payments answered 202.", ("", pipeline.accepted))
+        metric("payments_confirmed_total", "counter", "Payments a processor confirmed.",
+               *[(labels, lane.confirmed) for labels, lane in lanes])
+        metric("attempts_failed_total", "counter", "Attempts that taught the breaker a failure.",
+               *[(labels, lane.failed) for labels, lane in lanes])
+        metric("payments_not_ours_total", "counter", "Payments settled uncounted.",
+               ('{reason="duplicate"}', pipeline.duplicates), ('{reason="rejected"}', pipeline.rejected))
+        metric("queue_depth", "gauge", "Accepted payments waiting (pinned ones included).",
+               ("", pipeline.backlog.unsettled - pipeline.in_flight()))
+        metric("pinned", "gauge", "Payments pinned to a processor.", ("", len(pipeline.backlog.pins)))
+        metric("in_flight", "gauge", "Attempts under way.", *[(labels, lane.in_flight) for labels, lane in lanes])
+        metric("in_flight_limit", "gauge", "Attempts allowed at once.", *[(labels, lane.limit) for labels, lane in lanes])
+        metric("processor_latency_seconds", "gauge", "Moving average of answered attempts.",
+               *[(labels, lane.latency) for labels, lane in lanes])
+        metric("breaker_state", "gauge", "1 for the breaker's current state.",
+               *[(f'{{processor="{PROCESSOR_NAMES[lane.index]}",state="{state}"}}', int(lane.breaker.state is state))
+                 for _, lane in lanes for state in (CLOSED, OPEN, HALF_OPEN)])
+        metric("journal_bytes", "gauge", "Size of the journal file.", ("", pipeline.journal.size()))
+        metric("connections", "gauge", "Open client connections.", ("", len(self.connections)))
+        metric("event_loop_lag_seconds", "gauge", "Longest event-loop lag in the last second.", ("", self.loop_lag))
+        total, buckets = 0, []
+        for bound, count in zip((*POST_BUCKETS_S, "+Inf"), self.post_seconds):
+            total += count
+            buckets.append((f'_bucket{{le="{bound}"}}', total))
+        metric("post_payments_seconds", "histogram",
+               "POST /payments, from the read that completed it to the answer written.",
+               *buckets, ("_sum", self.post_seconds_sum), ("_count", total))
+        metric("gc_collections_total", "counter", "Garbage collections.", ("", self.gc_pauses[0]))
+        metric("gc_pause_seconds_total", "counter", "Time spent in garbage collections.", ("", self.gc_pauses[1]))
+        metric("gc_pause_seconds_max", "gauge", "Longest garbage collection.", ("", self.gc_pauses[2]))
+        return "".join(out).encode()
 
 
 class HttpConnection(asyncio.Protocol):
@@ -1564,7 +1799,9 @@ class HttpConnection(asyncio.Protocol):
     def post_payment(self, request, body, keep):
         cid, cents = parse_payment(body)
         self.server.pipeline.accept(cid, cents)
-        return self.answer(ACCEPTED[not keep], keep)
+        keep = self.answer(ACCEPTED[not keep], keep)
+        self.server.answered_post(time.monotonic() - self.active_at)
+        return keep
 
     def get_summary(self, request, body, keep):
         return self.answer(response(b"200 OK", self.server.summary(request), close=not keep), keep)
@@ -1581,6 +1818,10 @@ class HttpConnection(asyncio.Protocol):
             raise InvalidQuery("epoch must be an integer") from None
         self.server.purge_local(epoch)
         return self.answer(PURGED[not keep], keep)
+
+    def get_metrics(self, request, body, keep):
+        return self.answer(response(b"200 OK", self.server.metrics(), b"text/plain; version=0.0.4",
+                                    close=not keep), keep)
 
     def get_health(self, request, body, keep):
         return self.answer(response(b"200 OK", self.server.health(), close=not keep), keep)
@@ -1663,6 +1904,7 @@ ROUTES = {  # path -> (the one method it answers, handler)
     b"/payments-summary": (b"GET", HttpConnection.get_summary),
     b"/purge-payments": (b"POST", HttpConnection.post_purge),
     b"/health": (b"GET", HttpConnection.get_health),
+    b"/metrics": (b"GET", HttpConnection.get_metrics),
     b"/internal/purge": (b"POST", HttpConnection.post_local_purge),  # asked by peers
     REPLICA_PATH: (b"POST", post_replica),  # sent by peers
     b"/internal/ready": (b"GET", get_ready),  # the load balancer's check
@@ -1706,11 +1948,12 @@ async def serve():
     if HEALTH_INTERVAL_S > 0:
         tasks += [asyncio.ensure_future(pipeline.poll_health(lane)) for lane in pipeline.lanes]
     pipeline.pump()
-    def sweep():
-        nonlocal sweeper
-        server.sweep()
-        sweeper = loop.call_later(1.0, sweep)
-    sweeper = loop.call_later(1.0, sweep)
+    def tick(due):
+        nonlocal ticker
+        now = time.monotonic()
+        server.tick(max(0.0, now - due))
+        ticker = loop.call_later(TICK_S, tick, now + TICK_S)
+    ticker = loop.call_later(TICK_S, tick, time.monotonic() + TICK_S)
 
     stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1733,7 +1976,7 @@ async def serve():
         await asyncio.sleep(0.05)
     await server.replication.stop()
     pipeline.running = False
-    sweeper.cancel()
+    ticker.cancel()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

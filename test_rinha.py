@@ -764,6 +764,95 @@ def test_a_short_journal_write_is_cut_back_so_the_next_record_survives(tmp_path)
     assert ledger.window(0, 0, 10) == (2, 400)
 
 
+def test_the_journal_is_compacted_while_running_and_a_kill_during_it_loses_and_doubles_nothing(fresh, tmp_path):
+    # Issue 9: the journal grew by ~120 bytes a payment and was compacted only at start.
+    default, fallback = fresh
+    default.configure(delay=20)
+    instance = Instance(tmp_path, "api1", default, fallback, JOURNAL_COMPACT_BYTES=20000, JOURNAL_COMPACT_SLICE=50)
+    accepted = []
+    sender = threading.Thread(target=lambda: accepted.extend(pay_many(instance, 6000, threads=2)))
+    sender.start()
+    assert wait_until(lambda: "compacted while running" in instance.process.output(), timeout=30)
+    instance.process.stop(signal.SIGKILL)  # payments still arriving, maybe another compaction under way
+    sender.join()
+    instance.start()
+    try:
+        default.configure(delay=0)
+        assert wait_until(lambda: drained(instance), timeout=15)
+        assert all(default.stored(cid) for cid in accepted)
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert mine["default"]["totalRequests"] == len(accepted) > 0
+        assert len(pay_many(instance, 1000)) == 1000  # ~120 bytes of records each
+        assert wait_until(lambda: drained(instance))
+        assert wait_until(lambda: "compacted while running" in instance.process.output())
+        mine = assert_ledger_matches(instance, default, fallback)
+        assert instance.health()["journal_bytes"] < 50 * mine["default"]["totalRequests"]  # ~25 each
+    finally:
+        instance.process.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs of our own, and a way to fill it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(directory):
+    """Write a filler file until the disk is full; return its path."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 512):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_refuses_new_payments_forwards_accepted_ones_and_recovers_by_itself(fresh, small_disk):
+    # Issue 9: with the disk full, attempts could not journal their S record and were retried
+    # at once, forever; now the reserve carries the records of payments already accepted.
+    default, fallback = fresh
+    default.configure(failure=True)
+    instance = Instance(small_disk, "api1", default, fallback, JOURNAL_RESERVE_BYTES=65536, BREAKER_RETRY_S=0.05)
+    try:
+        accepted = pay_many(instance, 50, threads=2)
+        assert len(accepted) == 50
+        instance.process.popen.send_signal(signal.SIGSTOP)  # the filler must not take the reserve
+        filler = fill(small_disk)
+        instance.process.popen.send_signal(signal.SIGCONT)
+        for _ in range(500):  # the journal's last page still has room for a few records
+            status, cid = instance.pay()
+            if status != 202:
+                break
+            accepted.append(cid)
+        assert status == 503
+        assert [instance.pay()[0] for _ in range(5)] == [503] * 5
+        default.configure(failure=False)
+        assert wait_until(lambda: drained(instance), timeout=10), instance.health()
+        assert all(default.stored(cid) for cid in accepted)
+        assert_ledger_matches(instance, default, fallback)
+        filler.unlink()
+        assert wait_until(lambda: instance.pay()[0] == 202, timeout=5)
+        assert "unreadable" not in instance.process.output()
+    finally:
+        instance.process.stop()
+    instance.start()  # and everything it journaled replays whole
+    try:
+        assert instance.health()["queue"] == 0
+        assert_ledger_matches(instance, default, fallback)
+    finally:
+        instance.process.stop()
+
+
 # ---------------------------------------------------------------------------
 # Queue
 # ---------------------------------------------------------------------------
@@ -946,6 +1035,30 @@ def test_only_answers_that_cannot_have_stored_free_a_payment_and_only_proof_conf
         if after is rinha.QUEUED and state is rinha.PINNED:
             assert outcome is rinha.ABSENT  # only a settled lookup frees a pinned payment
         assert (after is rinha.CONFIRMED) == (outcome in (rinha.OK, rinha.STORED_OURS, rinha.FOUND_OURS))
+
+
+def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_writes(monkeypatch, tmp_path):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the lookup hangs
+    monkeypatch.setattr(rinha, "DEFAULT_PROCESSOR_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(rinha, "PIN_SETTLE_S", 0.0)
+    monkeypatch.setattr(rinha, "PIN_CHECK_INTERVAL_S", 0.01)
+
+    async def run():
+        pipeline = rinha.Pipeline(rinha.Journal(str(tmp_path / "j")), rinha.Ledger(),
+                                  {5: [b"cid", 100, 1, (rinha.DEFAULT, 77)]}, 6)
+        pipeline.lanes[rinha.DEFAULT].breaker.state = rinha.OPEN  # so the pin is looked up
+        pipeline.lanes[rinha.DEFAULT].breaker.retry_at = 1e12
+        checker = asyncio.ensure_future(pipeline.check_pins())
+        await asyncio.sleep(0.3)
+        assert not pipeline.backlog.pinned[rinha.DEFAULT]  # out of its line: being looked up
+        snapshot = pipeline.pending()
+        pipeline.running = False
+        checker.cancel()
+        return snapshot
+    try:
+        assert asyncio.run(run()) == {5: [b"cid", 100, 1, (rinha.DEFAULT, 77)]}
+    finally:
+        silent.close()
 
 
 def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_fallback():
@@ -1183,10 +1296,31 @@ def test_a_duplicate_correlation_id_is_forwarded_once_and_counted_once(fresh, tm
         cid = str(uuid.uuid4())
         assert instance.pay(cid)[0] == 202
         assert wait_until(lambda: drained(instance))
-        assert instance.pay(cid)[0] == 202  # accepted, then the processor's 422 settles it
+        assert instance.pay(cid)[0] == 202  # the same payment again: answered, not queued twice
         assert wait_until(lambda: drained(instance) and instance.health()["duplicates"] == 1)
         mine = assert_ledger_matches(instance, default, fallback)
         assert mine["default"]["totalRequests"] == 1
+    finally:
+        instance.process.stop()
+
+
+def test_an_id_sent_again_while_the_default_is_down_is_not_stored_by_the_fallback_too(fresh, tmp_path):
+    # A client retrying sends the same id again; each copy used to be routed on its own, so
+    # with the default down long enough the second went to the fallback: stored in both.
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_AFTER_S=0.3, BREAKER_RETRY_S=0.05)
+    try:
+        cid = str(uuid.uuid4())
+        assert instance.pay(cid)[0] == 202
+        assert wait_until(lambda: drained(instance))
+        default.configure(failure=True)
+        assert instance.pay()[0] == 202  # another payment: it finds the default down
+        time.sleep(1.0)
+        assert instance.pay(cid, amount=19.90)[0] == 202
+        assert wait_until(lambda: drained(instance), timeout=5)
+        default.configure(failure=False)
+        assert default.stored(cid) and not fallback.stored(cid)
+        assert_ledger_matches(instance, default, fallback)
     finally:
         instance.process.stop()
 
@@ -1842,6 +1976,32 @@ def test_purge_needs_the_token_and_empties_every_instance(fresh, tmp_path):
 def test_purge_is_disabled_without_a_configured_token(front):
     status, _, body = call(front.port, "POST", "/purge-payments", b"", {"X-Rinha-Token": ""})
     assert status == 403 and b"disabled" in body
+
+
+def test_metrics_are_prometheus_text_that_counts_payments_latency_breakers_and_the_loop(fresh, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback)
+    try:
+        assert len(pay_many(instance, 30, threads=3)) == 30
+        assert wait_until(lambda: drained(instance))
+        time.sleep(1.2)  # one whole second of loop-lag measurement
+        status, headers, body = call(instance.port, "GET", "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+        assert samples["rinha_payments_accepted_total", ()] == 30
+        assert samples["rinha_payments_confirmed_total", (("processor", "default"),)] == 30
+        assert samples["rinha_payments_confirmed_total", (("processor", "fallback"),)] == 0
+        assert samples["rinha_post_payments_seconds_count", ()] == 30
+        assert samples["rinha_post_payments_seconds_bucket", (("le", "+Inf"),)] == 30
+        assert samples["rinha_breaker_state", (("processor", "default"), ("state", "closed"))] == 1
+        assert samples["rinha_queue_depth", ()] == 0
+        assert samples["rinha_journal_bytes", ()] == instance.health()["journal_bytes"] > 0
+        assert 0 <= samples["rinha_event_loop_lag_seconds", ()] < 1
+        assert "loop_lag_ms" in instance.health()
+    finally:
+        instance.process.stop()
 
 
 def test_health_reports_live_statistics(front):

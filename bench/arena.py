@@ -44,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 RINHA = REPO / "rinha.py"
@@ -87,174 +89,16 @@ class ArenaError(RuntimeError):
 
 
 # --------------------------------------------------------------------------
-# A tiny YAML reader, for the subset docker-compose.yml is written in (PyYAML
-# is not a dependency): block mappings and sequences by indentation, sequence
-# items that are scalars or mappings, plain/single/double-quoted scalars,
-# flow sequences of scalars, comments. Anything else is an error.
+# The compose file, read with PyYAML (a dev dependency, requirements-dev.txt).
 
 
-class YamlError(ValueError):
-    pass
-
-
-def _strip_comment(line: str) -> str:
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def _split_key(content: str):
-    """'key: rest' / 'key:' -> (key, rest); None when content is no mapping entry."""
-    quote = None
-    for i, ch in enumerate(content):
-        if quote:
-            if ch == quote:
-                quote = None
-            continue
-        if ch in "'\"" and i == 0:
-            quote = ch
-            continue
-        if ch == ":" and (i + 1 == len(content) or content[i + 1] == " "):
-            key = content[:i].strip()
-            if not key:
-                return None
-            return _scalar(key, None), content[i + 1 :].strip()
-    return None
-
-
-def _scalar(text: str, lineno):
-    text = text.strip()
-    if not text:
-        return None
-    if text[0] == '"':
-        if len(text) < 2 or text[-1] != '"':
-            raise YamlError(f"line {lineno}: unterminated string {text!r}")
-        body = text[1:-1]
-        out, i = [], 0
-        while i < len(body):
-            ch = body[i]
-            if ch == "\\" and i + 1 < len(body):
-                nxt = body[i + 1]
-                out.append({"n": "\n", "t": "\t", '"': '"', "\\": "\\"}.get(nxt, "\\" + nxt))
-                i += 2
-            else:
-                out.append(ch)
-                i += 1
-        return "".join(out)
-    if text[0] == "'":
-        if len(text) < 2 or text[-1] != "'":
-            raise YamlError(f"line {lineno}: unterminated string {text!r}")
-        return text[1:-1].replace("''", "'")
-    if text[0] == "[":
-        if text[-1] != "]":
-            raise YamlError(f"line {lineno}: unsupported flow sequence {text!r}")
-        inner = text[1:-1].strip()
-        return [_scalar(part, lineno) for part in inner.split(",")] if inner else []
-    if text == "{}":
-        return {}
-    if text[0] in "{&*|>!%@`" or ": " in text or text.endswith(":"):
-        raise YamlError(f"line {lineno}: unsupported YAML construct {text!r}")
-    if text in ("true", "True", "TRUE"):
-        return True
-    if text in ("false", "False", "FALSE"):
-        return False
-    if text in ("null", "Null", "NULL", "~"):
-        return None
-    if re.fullmatch(r"[-+]?[0-9]+", text):
-        return int(text)
-    if re.fullmatch(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", text):
-        return float(text)
-    return text
-
-
-def parse_yaml(text: str):
-    lines = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-            raise YamlError(f"line {lineno}: tab in indentation")
-        content = _strip_comment(raw)
-        if not content.strip():
-            continue
-        if content.strip() in ("---", "..."):
-            raise YamlError(f"line {lineno}: multiple documents are not supported")
-        indent = len(content) - len(content.lstrip(" "))
-        lines.append([indent, content.strip(), lineno])
-    if not lines:
-        return None
-    value, i = _parse_block(lines, 0, lines[0][0])
-    if i != len(lines):
-        raise YamlError(f"line {lines[i][2]}: unexpected indentation")
-    return value
-
-
-def _is_item(content: str) -> bool:
-    return content == "-" or content.startswith("- ")
-
-
-def _parse_block(lines, i, indent):
-    if _is_item(lines[i][1]):
-        return _parse_seq(lines, i, indent)
-    return _parse_map(lines, i, indent)
-
-
-def _parse_map(lines, i, indent):
-    out = {}
-    while i < len(lines) and lines[i][0] == indent and not _is_item(lines[i][1]):
-        _, content, lineno = lines[i]
-        kv = _split_key(content)
-        if kv is None:
-            raise YamlError(f"line {lineno}: expected 'key: value', got {content!r}")
-        key, rest = kv
-        if key in out:
-            raise YamlError(f"line {lineno}: duplicate key {key!r}")
-        i += 1
-        if rest:
-            out[key] = _scalar(rest, lineno)
-        elif i < len(lines) and lines[i][0] > indent:
-            out[key], i = _parse_block(lines, i, lines[i][0])
-        elif i < len(lines) and lines[i][0] == indent and _is_item(lines[i][1]):
-            out[key], i = _parse_seq(lines, i, indent)
-        else:
-            out[key] = None
-    if i < len(lines) and lines[i][0] > indent:
-        raise YamlError(f"line {lines[i][2]}: unexpected indentation")
-    return out, i
-
-
-def _parse_seq(lines, i, indent):
-    out = []
-    while i < len(lines) and lines[i][0] == indent and _is_item(lines[i][1]):
-        _, content, lineno = lines[i]
-        rest = content[1:].strip()
-        if not rest:
-            i += 1
-            if i < len(lines) and lines[i][0] > indent:
-                value, i = _parse_block(lines, i, lines[i][0])
-            else:
-                value = None
-        elif _is_item(rest) or (_split_key(rest) is not None and rest[0] not in "'\"["):
-            # "- key: value" / "- - x": a block whose first line starts after the dash.
-            sub_indent = indent + (len(content) - len(rest))
-            lines[i] = [sub_indent, rest, lineno]
-            value, i = _parse_block(lines, i, sub_indent)
-        else:
-            value = _scalar(rest, lineno)
-            i += 1
-        out.append(value)
-    if i < len(lines) and lines[i][0] > indent:
-        raise YamlError(f"line {lines[i][2]}: unexpected indentation")
-    return out, i
+def parse_compose(text: str):
+    """A compose file's text as Python data (yaml.safe_load)."""
+    return yaml.safe_load(text)
 
 
 def load_compose(path=COMPOSE_FILE):
-    return parse_yaml(Path(path).read_text())
+    return parse_compose(Path(path).read_text())
 
 
 def service_env(service: dict) -> dict:
@@ -285,7 +129,7 @@ def compose_knobs() -> dict:
     try:
         compose = load_compose()
         env = service_env(compose["services"][INSTANCES[0]])
-    except (OSError, KeyError, TypeError, YamlError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
         print(f"arena: warning: cannot read instance settings from {COMPOSE_FILE.name}: {exc}", flush=True)
         return {}
     return {k: v for k, v in env.items() if k not in INSTANCE_ADDRESS_KEYS and k not in PASS_THROUGH_KEYS}
@@ -945,7 +789,7 @@ class Arena:
         if parents and self.limits == "per-service":
             try:
                 services = {s: v for s, v in compose_limits().items() if s in (LB_SERVICE,) + INSTANCES}
-            except (OSError, KeyError, TypeError, ValueError, YamlError) as exc:
+            except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
                 reason = f"cannot read per-service limits from {COMPOSE_FILE.name}: {exc}"
                 parents = None
         if parents:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the project and append one row to bench/RESULTS.md: `make bench`.
 
-Two measurements, both optional:
+Three measurements, each optional:
 
 1. The contest scenario under the contest's limits: bench/arena.py's Arena starts the whole
    stack (load balancer + two rinha.py instances in one cgroup limited to 1.5 CPU / 350 MB,
@@ -16,13 +16,25 @@ Two measurements, both optional:
    (rinha, starlette, rinha, starlette, ...). For each run: requests answered 2xx divided by the
    server process's CPU seconds during the run (/proc/<pid>/stat utime+stime); the median of
    each and the ratio are recorded.
+3. Capacity (--capacity, or CAPACITY=1; off by default): bench/capacity.py offers POST /payments
+   at a rising constant rate, first to the floor (haproxy alone answering 202, limited like the
+   stack), then to a fresh stack under the limits, and records the highest rate each sustains
+   with p99 under 10 ms and no failed request (a row in RESULTS.md's capacity table).
+
+The scenario also records its trace (bench/tailtrace.py; --no-trace or TRACE=0 to skip): POST
+/payments p50/p99/max per second as k6 saw it, each process's CPU, the cgroup's throttling and
+each instance's event-loop lag and queue, drawn as bench/out/trace.png.
 
     python bench/bench.py [--lb haproxy|nginx] [--max-requests 550] [--duration 60]
-                          [--phases bench/phases/contest.json] [--skip-load] [--skip-micro]
+                          [--phases bench/phases/contest.json] [--amounts fixed|random]
+                          [--skip-load] [--skip-micro] [--no-trace] [--capacity]
+                          [--capacity-start-rate 500] [--capacity-step-rate 500]
+                          [--capacity-steps 12] [--capacity-step-s 5]
                           [--micro-seconds 5] [--micro-connections 50] [--micro-rounds 3]
                           [--no-record]
 
-Output files go to bench/out/ (bench-*.log, result.json, report.html).
+Output files go to bench/out/ (bench-*.log, result.json, report.html, trace.png,
+capacity-*.json).
 """
 import argparse
 import json
@@ -45,9 +57,30 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from load import LoadError, arena_targets, run_load, summary_line  # noqa: E402
+from oracle import oracle_line  # noqa: E402
 
 OUT = BENCH / "out"
 RESULTS = BENCH / "RESULTS.md"
+# The header lines of RESULTS.md's tables: rows go after the last row of their table.
+BENCH_HEADER = ("| date (UTC) | commit | command | machine | score | p99 ms | lag | incons. | default / fallback | "
+                "failed POSTs | CPU s | CPU ms/pay | throttled | peak MB | rinha req/CPU-s | starlette req/CPU-s | "
+                "ratio |")
+CAPACITY_HEADER = ("| date (UTC) | commit | command | machine | steps | floor req/s | floor p99 ms | floor CPU ms/req | "
+                   "rinha req/s | rinha p99 ms | rinha CPU ms/req | rinha / floor |")
+CAPACITY_SECTION = """## Capacity
+
+Rows are added by `make bench CAPACITY=1` (`python bench/bench.py --capacity`). bench/capacity.js offers
+POST /payments (unique payments, 19.90) at a constant rate in steps (k6 `ramping-arrival-rate`: each
+step ramps for 1 s, then holds its rate; only the hold counts), first to the **floor** (haproxy alone,
+haproxy.cfg's settings, answering a fixed 202 with nothing behind it), then to a fresh stack (load
+balancer + two rinha.py instances, emulators healthy with no delay), each in a cgroup limited to
+1.5 CPU / 350 MB.
+
+- **steps**: first rate, step, number of steps, seconds each holds (`start+step×n, s`).
+- **req/s**: the highest rate sustained, with every lower step sustained too: k6 completed at least
+  98 % of the offered requests, none failed (non-2xx or 1.5 s timeout), p99 under 10 ms.
+- **p99 ms**: the p99 of that step. **CPU ms/req**: the cgroup's CPU over the whole ramp per request.
+"""
 RINHA = REPO / "rinha.py"
 PROCESSOR = BENCH / "processor.py"
 MICRO_APP = BENCH / "micro_app.py"
@@ -155,6 +188,7 @@ def stop_process(proc, timeout=15.0):
 
 def run_scenario(args):
     from arena import Arena, ArenaError  # bench/arena.py (helper B)
+    from tailtrace import arena_targets as trace_targets
 
     purge_token = secrets.token_hex(8)
     run_dir = Path(tempfile.mkdtemp(prefix="rinha-bench-"))
@@ -182,10 +216,14 @@ def run_scenario(args):
             "MAX_REQUESTS": args.max_requests,
             "DURATION_S": args.duration,
             "PHASES": args.phases,
+            "AMOUNTS": args.amounts,
         }
-        log(f"k6: {args.max_requests} VUs over {args.duration:g} s, phases {args.phases} "
+        log(f"k6: {args.max_requests} VUs over {args.duration:g} s, phases {args.phases}, amounts {args.amounts} "
             f"(log {OUT / 'bench-k6.log'})")
-        result = run_load(overrides, OUT, log_path=OUT / "bench-k6.log")
+        targets = None if args.no_trace else trace_targets(arena)
+        result = run_load(overrides, OUT, log_path=OUT / "bench-k6.log", trace_targets=targets,
+                          trace_title=f"make bench at {git_commit()}: {Path(args.phases).name}, "
+                                      f"{args.max_requests} VUs, {args.amounts} amounts")
         after = arena.stats()
     finally:
         arena.stop()
@@ -344,6 +382,90 @@ def make_row(command, result, stack, micro):
     return "| " + " | ".join(cells) + " |"
 
 
+def insert_row(row, header, section="", path=RESULTS):
+    """Put `row` after the last row of the table whose header line is `header`; when there is no
+    such table, first append `section` (its heading and legend), the header and its separator."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if header in lines:
+        at = lines.index(header) + 2
+    else:
+        if lines and lines[-1].strip():
+            lines.append("")
+        if section:
+            lines += section.rstrip("\n").splitlines() + [""]
+        lines += [header, "| " + " | ".join("---" for _ in header.strip("|").split("|")) + " |"]
+        at = len(lines)
+    while at < len(lines) and lines[at].startswith("|"):
+        at += 1
+    lines.insert(at, row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# 3. Capacity: the floor and the stack, in one session
+# ---------------------------------------------------------------------------
+
+def run_capacity_pair(args):
+    from arena import Arena, ArenaError
+    from capacity import CapacityError, FloorServer, capacity_line, run_capacity
+
+    settings = {"START_RATE": args.capacity_start_rate, "STEP_RATE": args.capacity_step_rate,
+                "STEPS": args.capacity_steps, "STEP_S": args.capacity_step_s}
+    timeout = (args.capacity_step_s + 1) * args.capacity_steps + 120
+    out = {}
+    log(f"capacity: floor (haproxy answering 202), {args.capacity_steps} steps of {args.capacity_step_s:g} s "
+        f"from {args.capacity_start_rate}/s by {args.capacity_step_rate}/s (log {OUT / 'capacity-floor-k6.log'})")
+    floor = FloorServer(log=log).start()
+    try:
+        cpu0 = floor.cpu_s()
+        result = run_capacity(floor.url, OUT / "capacity-floor.json", OUT / "capacity-floor-k6.log", settings, timeout)
+        cpu1 = floor.cpu_s()
+        result["limits"] = floor.limits_reason
+    finally:
+        floor.stop()
+    result["cpu_s"] = None if cpu0 is None else cpu1 - cpu0
+    out["floor"] = result
+    log(capacity_line("floor", result))
+    run_dir = Path(tempfile.mkdtemp(prefix="rinha-cap-"))
+    arena_log = open(OUT / "capacity-arena.log", "w")
+    arena = Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=run_dir, lb=args.lb, limits=True,
+                  env={"PURGE_TOKEN": secrets.token_hex(8)}, output=lambda line: arena_log.write(line + "\n"))
+    log(f"capacity: rinha (fresh stack; log {OUT / 'capacity-rinha-k6.log'})")
+    try:
+        arena.start()
+        before = arena.stats()["cpu_usage_s"]
+        result = run_capacity(arena.url, OUT / "capacity-rinha.json", OUT / "capacity-rinha-k6.log", settings, timeout)
+        after = arena.stats()["cpu_usage_s"]
+        result["limits"] = arena.limits_reason
+        result["cpu_s"] = None if before is None else after - before
+    except (ArenaError, CapacityError) as error:
+        raise RuntimeError(f"capacity of the stack: {error}") from None
+    finally:
+        arena.stop()
+        arena_log.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    out["rinha"] = result
+    log(capacity_line("rinha", result))
+    out["settings"] = settings
+    (OUT / "capacity.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def capacity_row(command, capacity):
+    def cells(result):
+        requests = sum(step["requests"] for step in result["steps"])
+        cpu = result.get("cpu_s")
+        return [f"{result['sustained_rate']:,}", fmt(result["p99_at_sustained_ms"], ".2f"),
+                fmt(None if cpu is None or not requests else cpu * 1000 / requests, ".3f")]
+    settings = capacity["settings"]
+    floor, rinha = capacity["floor"], capacity["rinha"]
+    ratio = rinha["sustained_rate"] / floor["sustained_rate"] if floor["sustained_rate"] else None
+    return "| " + " | ".join([
+        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), git_commit(), f"`{command}`", machine(),
+        f"{settings['START_RATE']}+{settings['STEP_RATE']}×{settings['STEPS']}, {settings['STEP_S']:g} s",
+        *cells(floor), *cells(rinha), fmt(ratio, ".2f")]) + " |"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lb", default=os.environ.get("LB") or None, choices=["haproxy", "nginx"],
@@ -351,6 +473,15 @@ def main(argv=None):
     parser.add_argument("--max-requests", type=int, default=int(os.environ.get("MAX_REQUESTS") or 550))
     parser.add_argument("--duration", type=float, default=float(os.environ.get("DURATION_S") or 60))
     parser.add_argument("--phases", default=os.environ.get("PHASES") or "bench/phases/contest.json")
+    parser.add_argument("--amounts", default=os.environ.get("AMOUNTS") or "fixed", choices=["fixed", "random"])
+    parser.add_argument("--no-trace", action="store_true", default=os.environ.get("TRACE", "1") in ("0", ""),
+                        help="do not record the per-second trace ($TRACE=0)")
+    parser.add_argument("--capacity", action="store_true", default=os.environ.get("CAPACITY", "") not in ("", "0"),
+                        help="also measure the capacity of the floor and of the stack ($CAPACITY=1)")
+    parser.add_argument("--capacity-start-rate", type=int, default=500, help="first step, requests per second")
+    parser.add_argument("--capacity-step-rate", type=int, default=500, help="increase per step")
+    parser.add_argument("--capacity-steps", type=int, default=12)
+    parser.add_argument("--capacity-step-s", type=float, default=5, help="seconds each step holds its rate")
     parser.add_argument("--skip-load", action="store_true", help="no contest scenario")
     parser.add_argument("--skip-micro", action="store_true", help="no hot-path micro-benchmark")
     parser.add_argument("--micro-seconds", type=int, default=5, help="length of each wrk run")
@@ -358,8 +489,8 @@ def main(argv=None):
     parser.add_argument("--micro-rounds", type=int, default=3, help="rinha/starlette pairs (median reported)")
     parser.add_argument("--no-record", action="store_true", help="print the row, do not append it")
     args = parser.parse_args(argv)
-    if args.skip_load and args.skip_micro:
-        parser.error("nothing to do with both --skip-load and --skip-micro")
+    if args.skip_load and args.skip_micro and not args.capacity:
+        parser.error("nothing to do with both --skip-load and --skip-micro (and no --capacity)")
     if not RINHA.exists():
         log(f"{RINHA} does not exist")
         return 1
@@ -372,6 +503,9 @@ def main(argv=None):
         try:
             result, stack = run_scenario(args)
             log(summary_line(result))
+            log(oracle_line(result))
+            if result.get("trace"):
+                log(f"{result['trace']['line']}; picture {result['trace']['png']}")
             if stack.get("cpu_s") is not None:
                 log(f"stack: {stack['cpu_s']:.1f} CPU s ({stack['cpu_ms_per_payment']:.2f} ms per payment), "
                     f"throttled {stack['throttled_periods']}/{stack['periods']} periods "
@@ -389,14 +523,26 @@ def main(argv=None):
         except (RuntimeError, OSError, subprocess.SubprocessError) as error:
             log(f"micro-benchmark failed: {error}")
             failed = True
-    if result is None and micro is None:
+    capacity = None
+    if args.capacity:
+        try:
+            capacity = run_capacity_pair(args)
+        except Exception as error:  # noqa: BLE001 - reported, and the other rows are still recorded
+            log(f"capacity failed: {error}")
+            failed = True
+    if result is None and micro is None and capacity is None:
         return 1
-    row = make_row(command, result, stack or {}, micro)
-    print(row)
-    if not args.no_record:
-        with open(RESULTS, "a") as results:
-            results.write(row + "\n")
-        log(f"appended to {RESULTS.relative_to(REPO)}")
+    rows = []
+    if result is not None or micro is not None:
+        rows.append((make_row(command, result, stack or {}, micro), BENCH_HEADER, ""))
+    if capacity is not None:
+        rows.append((capacity_row(command, capacity), CAPACITY_HEADER, CAPACITY_SECTION))
+    for row, header, section in rows:
+        print(row)
+        if not args.no_record:
+            insert_row(row, header, section)
+    if rows and not args.no_record:
+        log(f"recorded in {RESULTS.relative_to(REPO)}")
     return 1 if failed else 0
 
 

@@ -6,6 +6,12 @@
 //   FALLBACK_ADMIN_URL (http://localhost:8002)  MAX_REQUESTS (550)  DURATION_S (60)
 //   PHASES (./phases/contest.json, relative to this file)  PROCESSOR_TOKEN (123)
 //   PURGE_TOKEN (unset: purge is sent without the header)  OUT_DIR (bench/out, relative to cwd)
+//   AMOUNTS (fixed: every payment 19.90, as the contest; random: uniform whole cents in
+//   [RANDOM_MIN_CENTS, RANDOM_MAX_CENTS], i.e. 0.01 to 10,000.00)
+//
+// Besides the contest's figures, the summary records per second of the test the payments
+// answered 2xx and their amount in cents (tagged by the second in which the answer came), which
+// bench/oracle.py turns into the profit a router knowing the schedule would have made.
 import http from 'k6/http';
 import { sleep } from 'k6';
 import exec from 'k6/execution';
@@ -22,13 +28,28 @@ const OUT_DIR = (__ENV.OUT_DIR || 'bench/out').replace(/\/+$/, '');
 const PHASES_PATH = __ENV.PHASES || './phases/contest.json';
 const PHASES = JSON.parse(open(PHASES_PATH)).slice().sort((a, b) => a.at_s - b.at_s);
 const CHECK_EVERY_S = 10;
-const AMOUNT = 19.90;
+const FIXED_AMOUNT_CENTS = 1990;
+const RANDOM_MIN_CENTS = 1;
+const RANDOM_MAX_CENTS = 1000000;
+const AMOUNTS = (__ENV.AMOUNTS || 'fixed').toLowerCase();
+if (AMOUNTS !== 'fixed' && AMOUNTS !== 'random') {
+  throw new Error(`AMOUNTS must be fixed or random, not ${__ENV.AMOUNTS}`);
+}
 
 const paymentsOk = new Counter('payments_ok');
 const paymentsFailed = new Counter('payments_failed');
 const inconsistencies = new Counter('inconsistencies');
 const consistencyErrors = new Counter('consistency_check_errors');
 const phaseErrors = new Counter('phase_errors');
+// Payments answered 2xx and their amounts in whole cents (sums of integers: exact in a float64
+// up to 2^53), tagged {sec: whole seconds since the scenarios started} when the answer came.
+// The last slot also takes anything later (the test ends within gracefulStop of DURATION_S).
+const SLOTS = Math.ceil(DURATION_S) + 10;
+const acceptedPayments = new Counter('accepted_payments');
+const acceptedCents = new Counter('accepted_cents');
+// When the scenarios started and when the teardown read the summaries (epoch ms).
+const startMark = new Counter('scenario_start_epoch_ms');
+const teardownMark = new Counter('teardown_epoch_ms');
 // When each phase was applied (epoch ms), so that tests can query the processors per phase.
 const phaseMarks = PHASES.map((_, i) => new Counter(`phase_${i}_epoch_ms`));
 // Filled once by teardown so that handleSummary can compute the score.
@@ -41,18 +62,28 @@ const T = {
   fees: new Counter('t_fees'),
   defFeeRate: new Counter('t_default_fee_per_transaction'),
   fbFeeRate: new Counter('t_fallback_fee_per_transaction'),
+  defCents: new Counter('t_default_total_cents'),
+  fbCents: new Counter('t_fallback_total_cents'),
+  procDefCents: new Counter('t_processor_default_total_cents'),
+  procFbCents: new Counter('t_processor_fallback_total_cents'),
   procDefReq: new Counter('t_processor_default_total_requests'),
   procFbReq: new Counter('t_processor_fallback_total_requests'),
   teardownErrors: new Counter('t_errors'),
 };
 
+// Declaring the thresholds makes these sub-metrics appear in the summary data; they always pass.
+const thresholds = {
+  'http_req_duration{expected_response:true}': ['p(99)>=0'],
+  'http_req_duration{name:payments}': ['p(99)>=0'],
+};
+for (let k = 0; k < SLOTS; k++) {
+  thresholds[`accepted_payments{sec:${k}}`] = ['count>=0'];
+  thresholds[`accepted_cents{sec:${k}}`] = ['count>=0'];
+}
+
 export const options = {
   summaryTrendStats: ['avg', 'min', 'med', 'max', 'p(90)', 'p(95)', 'p(99)'],
-  // Declaring the thresholds makes these sub-metrics appear in the summary data; they always pass.
-  thresholds: {
-    'http_req_duration{expected_response:true}': ['p(99)>=0'],
-    'http_req_duration{name:payments}': ['p(99)>=0'],
-  },
+  thresholds,
   setupTimeout: '30s',
   teardownTimeout: '60s',
   scenarios: {
@@ -149,8 +180,17 @@ export function setup() {
   return { token, startMs: Date.now() };
 }
 
+function amountCents() {
+  if (AMOUNTS === 'fixed') {
+    return FIXED_AMOUNT_CENTS;
+  }
+  return RANDOM_MIN_CENTS + Math.floor(Math.random() * (RANDOM_MAX_CENTS - RANDOM_MIN_CENTS + 1));
+}
+
 export function payment() {
-  const body = JSON.stringify({ correlationId: crypto.randomUUID(), amount: AMOUNT });
+  const cents = amountCents();
+  // cents / 100 is the double nearest the decimal; JSON.stringify writes it back as that decimal.
+  const body = JSON.stringify({ correlationId: crypto.randomUUID(), amount: cents / 100 });
   const res = http.post(`${BACKEND_URL}/payments`, body, {
     headers: { 'Content-Type': 'application/json' },
     timeout: '1500ms',
@@ -158,6 +198,10 @@ export function payment() {
   });
   if (res.status >= 200 && res.status < 300) {
     paymentsOk.add(1);
+    const sec = Math.min(SLOTS - 1, Math.max(0, Math.floor((Date.now() - exec.scenario.startTime) / 1000)));
+    const tags = { sec: String(sec) };
+    acceptedPayments.add(1, tags);
+    acceptedCents.add(cents, tags);
   } else {
     paymentsFailed.add(1);
   }
@@ -173,6 +217,7 @@ function sleepUntil(startMs, atS) {
 
 export function phases(data) {
   const startMs = exec.scenario.startTime;
+  startMark.add(startMs);
   PHASES.forEach((phase, i) => {
     if (phase.at_s <= 0 || phase.at_s >= DURATION_S) {
       return; // applied in setup, or after the end
@@ -208,8 +253,13 @@ export function consistency(data) {
   }
 }
 
+function cents(x) {
+  return Math.round(x * 100);
+}
+
 export function teardown(data) {
   const now = Date.now();
+  teardownMark.add(now);
   const q = summaryQuery(now - (DURATION_S + 10) * 1000, now);
   const backend = getJson(`${BACKEND_URL}/payments-summary?${q}`, { timeout: '20s' });
   const def = getJson(`${DEFAULT_ADMIN_URL}/admin/payments-summary?${q}`, adminParams(data.token));
@@ -230,6 +280,10 @@ export function teardown(data) {
     T.fbFeeRate.add(fb.feePerTransaction);
     T.procDefReq.add(def.totalRequests);
     T.procFbReq.add(fb.totalRequests);
+    T.defCents.add(cents(dAmt));
+    T.fbCents.add(cents(fAmt));
+    T.procDefCents.add(cents(def.totalAmount));
+    T.procFbCents.add(cents(fb.totalAmount));
     T.teardownErrors.add(0);
   }
   // Leave the processors as the next run expects them: healthy, with the initial token.
@@ -266,6 +320,14 @@ function computeResult(data) {
   const fbReq = count(data, 't_fallback_total_requests');
   const lag = ok - (defReq + fbReq);
   const teardownOk = !!data.metrics.t_errors && count(data, 't_errors') === 0;
+  const slots = Array.from({ length: SLOTS }, (_, k) => k);
+  const acceptedBySec = slots.map((k) => count(data, `accepted_payments{sec:${k}}`));
+  const centsBySec = slots.map((k) => count(data, `accepted_cents{sec:${k}}`));
+  const acceptedCentsTotal = centsBySec.reduce((a, b) => a + b, 0);
+  const defCents = count(data, 't_default_total_cents');
+  const fbCents = count(data, 't_fallback_total_cents');
+  const procDefCents = count(data, 't_processor_default_total_cents');
+  const procFbCents = count(data, 't_processor_fallback_total_cents');
   return {
     score: round2((gross - fees) * (1 + bonus - fine)),
     gross: round2(gross),
@@ -290,6 +352,23 @@ function computeResult(data) {
       totalAmount: round2(count(data, 't_fallback_total_amount')),
       processorTotalRequests: count(data, 't_processor_fallback_total_requests'),
     },
+    amounts: AMOUNTS,
+    // Amounts compared exactly, in whole cents (teardown window).
+    accepted_cents: acceptedCentsTotal,
+    reported_cents: { default: defCents, fallback: fbCents },
+    processor_cents: { default: procDefCents, fallback: procFbCents },
+    // What the backend reports minus what each processor stored: must be 0 for both.
+    amount_mismatch_cents: { default: defCents - procDefCents, fallback: fbCents - procFbCents },
+    // Accepted minus reported amount: the lag in cents (negative: more reported than accepted).
+    amount_lag_cents: acceptedCentsTotal - (defCents + fbCents),
+    fee_rates: { default: count(data, 't_default_fee_per_transaction'),
+      fallback: count(data, 't_fallback_fee_per_transaction') },
+    // Per second since the scenarios started: payments answered 2xx in it, and their cents.
+    accepted_by_sec: acceptedBySec,
+    accepted_cents_by_sec: centsBySec,
+    schedule: PHASES,
+    scenario_start_epoch_ms: count(data, 'scenario_start_epoch_ms') || null,
+    teardown_epoch_ms: count(data, 'teardown_epoch_ms') || null,
     payments_p99_ms: round2(trend(data, 'http_req_duration{name:payments}', 'p(99)') || 0),
     payments_p50_ms: round2(trend(data, 'http_req_duration{name:payments}', 'med') || 0),
     payments_max_ms: round2(trend(data, 'http_req_duration{name:payments}', 'max') || 0),
@@ -327,6 +406,11 @@ function report(r) {
     `  inconsistencies            ${r.inconsistencies}   -> fine ${(r.fine * 100).toFixed(0)} %` +
       (r.consistency_check_errors ? `   (${r.consistency_check_errors} checks could not run)` : ''),
     `  lag                        ${r.lag}${r.disqualified ? '   DISQUALIFIED (negative lag)' : ''}`,
+    `  ${`amounts (${r.amounts})`.padEnd(27)}accepted ${fmt(r.accepted_cents / 100)}, ` +
+      `reported ${fmt((r.reported_cents.default + r.reported_cents.fallback) / 100)}` +
+      (r.amount_mismatch_cents.default || r.amount_mismatch_cents.fallback ?
+        `   MISMATCH with the processors: default ${r.amount_mismatch_cents.default} cents, ` +
+        `fallback ${r.amount_mismatch_cents.fallback} cents` : '   (= processors, to the cent)'),
     `  SCORE                      ${fmt(r.score)}`,
   ];
   if (!r.teardown_ok) {
