@@ -1897,6 +1897,19 @@ def test_a_replayed_journal_rebuilds_the_confirmation_log_entry_by_entry_and_its
         pending, _ = rinha.Journal(path).replay(again)
         assert list(again.entries()) == confirmed[10:] and again.epoch == 77
         rinha.Journal(path).open_compacted(again, pending)
+    # A compaction while running: the snapshot's log, then what was confirmed since.
+    journal, ledger = rinha.Journal(path), rinha.Ledger()
+    pending, _ = journal.replay(ledger)
+    journal.open_compacted(ledger, pending)
+    snapshot, start = ledger.copy(), journal.end
+    since = [(1, 999, 5), (0, 2000, 6)]
+    for seq, (processor, ms, cents) in enumerate(since, 100):
+        ledger.record(processor, ms, cents)
+        journal.append(b"C %d %d %d %d\n" % (seq, processor, ms, cents))
+    asyncio.run(journal.compact(snapshot, pending, start))
+    again = rinha.Ledger()
+    rinha.Journal(path).replay(again)
+    assert list(again.entries()) == list(ledger.entries()) == confirmed[10:] + since and again.epoch == 77
 
 
 def test_a_sender_restarted_while_its_peer_lags_resumes_where_the_peer_is(fresh, tmp_path):
