@@ -1353,7 +1353,8 @@ class Pipeline:
 #   answer   "receiver epoch held": how many entries of origin's log the receiver holds
 # The receiver applies only the entries at index >= held (a resend, or a batch whose answer
 # was lost, never counts twice; a batch past a gap applies nothing) and the sender goes on
-# from held, so after a restart of either side each learns where the other is. Indexes are
+# from held (a sender that does not know it yet sends an empty batch at the end of its log
+# to ask), so after a restart of either side each learns where the other is. Indexes are
 # valid across restarts because the log's order is: a replay rebuilds it entry by entry
 # (C and L records in the journal's order). A log shorter than what a receiver holds (its
 # journal was lost) makes the receiver drop that replica and take it again from 0. A purge
@@ -1361,8 +1362,8 @@ class Pipeline:
 # in memory only: a restarted instance gets its replicas again from the peers, and answers
 # the load balancer's check (/internal/ready) with 503 until it has each live peer's whole
 # log (at most REPLICA_READY_MAX_S). The summary can miss what a peer confirmed but had not
-# streamed when it died or hung (at most REPLICA_INTERVAL_S of its confirmations), until it
-# runs again and streams them from its journal.
+# streamed when it died or hung (at most REPLICA_INTERVAL_S of its confirmations), and what
+# it had sent without reading the answer yet, until it runs again: its journal has both.
 # ---------------------------------------------------------------------------
 
 REPLICA_PATH = b"/internal/replica"
