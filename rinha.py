@@ -691,6 +691,9 @@ class RecentIds:
     __slots__ = ("known", "order")
 
     def __init__(self, ids=()):
+        self.reset(ids)
+
+    def reset(self, ids=()):
         self.known = set()
         self.order = deque()
         for cid in ids:
@@ -1057,6 +1060,7 @@ class Pipeline:
         self.recent = RecentIds(entry[0] for entry in (pending or {}).values())
         self.lanes = (Lane(DEFAULT, DEFAULT_PROCESSOR_URL), Lane(FALLBACK, FALLBACK_PROCESSOR_URL))
         self.next_seq = next_seq
+        self.outboxes = []  # per peer: ids accepted here, to tell it (see Replication)
         self.accepted = self.duplicates = self.rejected = 0
         self.running = True
         self.pump_due = False
@@ -1093,6 +1097,8 @@ class Pipeline:
             raise Unavailable("journal unavailable") from None
         self.next_seq = seq + 1
         self.recent.add(cid)
+        for outbox in self.outboxes:
+            outbox += cid
         backlog.ready.append((seq, cid, cents, accepted))
         backlog.unsettled += 1
         self.accepted += 1
@@ -1367,6 +1373,7 @@ class Pipeline:
 # ---------------------------------------------------------------------------
 
 REPLICA_PATH = b"/internal/replica"
+IDS_PATH = b"/internal/ids"
 REPLICA_ENTRY_BYTES = 24  # three int64
 ORIGIN = INSTANCE_ID.encode()
 
@@ -1377,11 +1384,13 @@ class InvalidBatch(HttpError):
 
 
 class PeerStream:
-    """This instance's log as sent to one peer: how much of it the peer holds."""
-    __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by")
+    """This instance's log as sent to one peer: how much of it the peer holds; and the ids
+    accepted here that the peer has not been told yet."""
+    __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by", "ids")
 
     def __init__(self, peer):
         self.peer = peer
+        self.ids = bytearray()  # 36-byte correlationIds, oldest first
         self.epoch = 0
         self.held = None  # entries of our log (of self.epoch) the peer holds; None: not known
         self.name = None  # the peer's INSTANCE_ID, from its answers
@@ -1392,8 +1401,9 @@ class PeerStream:
 class Replication:
     """Streams the own ledger's log to the peers and keeps their logs as replicas."""
 
-    def __init__(self, ledger, peers):
+    def __init__(self, ledger, peers, recent=None):
         self.ledger = ledger
+        self.recent = recent  # the pipeline's RecentIds: ids accepted here or by a peer
         self.replicas = {}  # origin (a peer's INSTANCE_ID, bytes) -> Ledger without a log
         self.complete = set()  # origins whose whole log we have held since we started
         self.streams = [PeerStream(peer) for peer in peers]
@@ -1411,6 +1421,7 @@ class Replication:
         where it is); at once again while it is more than a batch behind."""
         while True:
             try:
+                await self.share_ids(stream)
                 if await self.exchange(stream):
                     continue
             except Exception as error:  # a bug must not end replication for good
@@ -1450,6 +1461,28 @@ class Replication:
         moved = not known or held > offset
         stream.epoch, stream.held = epoch, held
         return moved and held < len(ledger.log) // 3
+
+    async def share_ids(self, stream):
+        """Tell the peer the ids accepted here since last time (best effort: a client's retry
+        that reaches it later is then answered without being forwarded a second time)."""
+        ids = stream.ids
+        if len(ids) > 36 * REMEMBERED_IDS:
+            del ids[:len(ids) - 36 * REMEMBERED_IDS]
+        sent = min(len(ids), (MAX_BODY_BYTES - 256) // 36 * 36)
+        if not sent:
+            return
+        try:
+            status, _ = await stream.peer.request(b"POST", IDS_PATH, bytes(ids[:sent]), b"", PEER_TIMEOUT_S)
+        except UpstreamError:
+            return  # kept for the next time
+        if status == 200:
+            del ids[:sent]
+
+    def receive_ids(self, body):
+        if len(body) % 36:
+            raise InvalidBatch("expected 36-byte correlationIds")
+        for at in range(0, len(body), 36):
+            self.recent.add(body[at:at + 36])
 
     async def stop(self):
         """Stop streaming, then send each answering peer what it still lacks (bounded by
@@ -1532,6 +1565,12 @@ def post_replica(connection, request, body, keep):
     return connection.answer(response(b"200 OK", answer, b"text/plain", close=not keep), keep)
 
 
+def post_ids(connection, request, body, keep):
+    """POST /internal/ids: correlationIds a peer accepted (36 bytes each, concatenated)."""
+    connection.server.replication.receive_ids(body)
+    return connection.answer(ACCEPTED[not keep], keep)
+
+
 def get_ready(connection, request, body, keep):
     """GET /internal/ready: the load balancer's check; cheap, 200 or 503."""
     return connection.answer(READY[connection.server.replication.ready()][not keep], keep)
@@ -1554,7 +1593,8 @@ class Server:
     def __init__(self, pipeline, peers):
         self.pipeline = pipeline
         self.peers = peers
-        self.replication = Replication(pipeline.ledger, peers)
+        self.replication = Replication(pipeline.ledger, peers, pipeline.recent)
+        pipeline.outboxes = [stream.ids for stream in self.replication.streams]
         self.connections = set()
         self.draining = False
         self.started = time.monotonic()
@@ -1628,7 +1668,7 @@ class Server:
 
     def purge_local(self, epoch):
         self.replication.purge(epoch)
-        self.pipeline.recent = RecentIds(self.pipeline.pending_ids())
+        self.pipeline.recent.reset(self.pipeline.pending_ids())
         self.pipeline.journal_quietly(b"P %d\n" % epoch)
         log(f"ledger and replicas purged: epoch {epoch}")
 
@@ -1909,6 +1949,7 @@ ROUTES = {  # path -> (the one method it answers, handler)
     b"/internal/purge": (b"POST", HttpConnection.post_local_purge),  # asked by peers
     REPLICA_PATH: (b"POST", post_replica),  # sent by peers
     b"/internal/ready": (b"GET", get_ready),  # the load balancer's check
+    b"/internal/ids": (b"POST", post_ids),  # asked by peers
 }
 
 

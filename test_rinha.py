@@ -1705,6 +1705,42 @@ def pair_behind_haproxy(fresh, tmp_path):
             instance.process.stop()
 
 
+def test_a_retry_through_haproxy_on_either_instance_is_not_forwarded_again(fresh, tmp_path):
+    # haproxy sends a client's retry to either instance; the one that had not accepted the id
+    # did not know it and, with the default down long enough, forwarded the copy to the
+    # fallback (stored in both). Instances now tell each other the ids they accept.
+    default, fallback = fresh
+    ports = [free_port(), free_port()]
+    instances = [Instance(tmp_path, f"api{i + 1}", *fresh, port=port, PEERS=f"http://127.0.0.1:{ports[1 - i]}",
+                          LISTEN=f"127.0.0.1:{port},unix:{tmp_path}/api{i + 1}.sock",
+                          FALLBACK_AFTER_S=0.3, BREAKER_RETRY_S=0.05)
+                 for i, port in enumerate(ports)]
+    balancer = None
+    try:
+        balancer = Balancer(tmp_path)
+        retried = [str(uuid.uuid4()) for _ in range(20)]
+        for cid in retried:
+            assert call(balancer.port, "POST", "/payments", {"correlationId": cid, "amount": 10.0})[0] == 202
+        assert all(wait_until(lambda: drained(instance)) for instance in instances)
+        default.configure(failure=True)
+        for _ in range(11):  # others, so each instance finds the default down (odd: round-robin
+            # then sends every retry below to the other instance than its first copy)
+            assert call(balancer.port, "POST", "/payments", {"correlationId": str(uuid.uuid4()), "amount": 1})[0] == 202
+        time.sleep(1.0)
+        for cid in retried:
+            assert call(balancer.port, "POST", "/payments", {"correlationId": cid, "amount": 10.0})[0] == 202
+        assert all(wait_until(lambda: drained(instance), timeout=10) for instance in instances)
+        default.configure(failure=False)
+        assert [cid for cid in retried if fallback.stored(cid)] == []
+        assert all(default.stored(cid) for cid in retried)
+        assert_ledger_matches(instances[0], default, fallback)
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for instance in instances:
+            instance.process.stop()
+
+
 def test_killed_under_load_the_survivor_answers_the_contest_window_exactly_every_50_ms(
         fresh, pair_behind_haproxy):
     default, fallback = fresh
@@ -1803,9 +1839,10 @@ def test_replica_batches_apply_each_entry_once_whatever_is_resent_lost_or_out_of
 
 
 class DroppingProxy:
-    """Forwards each request to a peer and, every `every`th time, drops the connection instead
-    of passing on the answer: the peer applied the batch, the sender never hears of it. While
-    `cut`, it forwards nothing and drops every connection: the peer is out of reach."""
+    """Forwards each request to a peer and, for every `every`th batch of the log, drops the
+    connection instead of passing on the answer: the peer applied the batch, the sender never
+    hears of it. While `cut`, it forwards nothing and drops every connection: the peer is out
+    of reach."""
 
     def __init__(self, target_port, every=0):
         self.target_port, self.every, self.forwarded, self.dropped = target_port, every, 0, 0
@@ -1840,8 +1877,8 @@ class DroppingProxy:
                     status, _, answer = call(self.target_port, method.decode(), path.decode(), body, timeout=5)
                 except OSError:
                     return
-                self.forwarded += 1
-                if self.every and self.forwarded % self.every == 0:
+                self.forwarded += path == rinha.REPLICA_PATH
+                if self.every and path == rinha.REPLICA_PATH and self.forwarded % self.every == 0:
                     self.dropped += 1
                     return
                 client.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(answer), answer))
