@@ -1167,15 +1167,16 @@ class Pipeline:
 
     # -- one attempt -------------------------------------------------------
     def start(self, payment, lane, state):
+        """Hand a payment to an attempt; from this moment pending() sees it as under way."""
         lane.in_flight += 1
-        asyncio.get_running_loop().create_task(self.attempt(payment, lane, state))
-
-    async def attempt(self, payment, lane, state):
-        outcome = CRASHED
         pin = self.backlog.pins.get(payment[0])
         # A pinned payment is re-sent with the same requestedAt, so a 422 can prove it ours.
         requested = pin[1] if pin is not None else now_ms()
         self.backlog.flying[payment[0]] = (payment, lane.index, requested)
+        asyncio.get_running_loop().create_task(self.attempt(payment, lane, state, requested))
+
+    async def attempt(self, payment, lane, state, requested):
+        outcome = CRASHED
         try:
             outcome = await self.send(payment, lane, requested, state is PINNED)
         except Exception as error:  # a bug must not strand the payment: the table settles it

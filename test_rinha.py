@@ -1037,6 +1037,23 @@ def test_only_answers_that_cannot_have_stored_free_a_payment_and_only_proof_conf
         assert (after is rinha.CONFIRMED) == (outcome in (rinha.OK, rinha.STORED_OURS, rinha.FOUND_OURS))
 
 
+def test_a_payment_handed_to_an_attempt_not_yet_running_stays_in_the_snapshot_a_compaction_writes(
+        monkeypatch, tmp_path):
+    monkeypatch.setattr(rinha, "DEFAULT_PROCESSOR_URL", f"http://127.0.0.1:{free_port()}")
+
+    async def run():
+        pipeline = rinha.Pipeline(rinha.Journal(str(tmp_path / "j")), rinha.Ledger())
+        pipeline.journal.open_compacted(pipeline.ledger, {})
+        pipeline.accept(b"cid", 1990)
+        pipeline.pump()  # off the queue, to an attempt whose task has not run yet
+        assert not pipeline.backlog.ready
+        snapshot = pipeline.pending()
+        pipeline.running = False
+        return snapshot
+    (seq, (cid, cents, _, pin)), = asyncio.run(run()).items()
+    assert (seq, cid, cents, pin[0]) == (0, b"cid", 1990, rinha.DEFAULT)  # pinned where it went
+
+
 def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_writes(monkeypatch, tmp_path):
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the lookup hangs
     monkeypatch.setattr(rinha, "DEFAULT_PROCESSOR_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
