@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test load bench clean
+.PHONY: run test load bench chaos soak clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -37,3 +37,7 @@ bench: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) bench/out run
+
+# A seeded chaos run (bench/chaos.py): make chaos SEED=42 [DURATION=180]
+chaos: $(VENV)/.runtime
+	$(BIN)/python bench/chaos.py $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
