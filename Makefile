@@ -41,3 +41,7 @@ clean:
 # A seeded chaos run (bench/chaos.py): make chaos SEED=42 [DURATION=180]
 chaos: $(VENV)/.runtime
 	$(BIN)/python bench/chaos.py $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
+
+# A soak under the limits (bench/soak.py, not in make test): make soak [DURATION=600] [RATE=280]
+soak: $(VENV)/.dev
+	$(BIN)/python bench/soak.py $(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--rate $(RATE))

@@ -40,6 +40,7 @@ Importable: run(seed, duration_s, ...) returns a Verdict.
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import os
@@ -534,11 +535,24 @@ def run(seed, duration_s=DEFAULT_DURATION_S, rate=DEFAULT_RATE, lb=None,
             faults[p] = {k: v for k, v in report["faults"].items() if v}
         both(f"chaos: instance restarts {restarts}; faults injected {json.dumps(faults)}")
         both(f"chaos: backend summary {json.dumps(backend, default=str)}")
+        unknown = collections.Counter(str(detail).split(":")[0] for tries in client.attempts.values()
+                                      for _, outcome, detail in tries if outcome == UNKNOWN)
+        refused = collections.Counter(detail for tries in client.attempts.values()
+                                      for _, outcome, detail in tries if outcome == REFUSED)
+        both(f"chaos: attempts without an answer or with a load balancer error: {dict(unknown)}; "
+             f"refused by an instance: {dict(refused)}")
         verdict.figures.update({"restarts": restarts, "faults": faults, "timings": timings})
     except ArenaError as error:
         verdict.problems.append(f"the stack failed: {error}")
     finally:
         arena.stop()
+        if verdict.problems:   # keep the journals: they tell what each instance did
+            for name in INSTANCES:
+                journal = arena.journal_path(name)
+                if journal.exists():
+                    kept = log_path.with_name(f"{log_path.stem}-{name}.journal")
+                    shutil.copyfile(journal, kept)
+                    both(f"chaos: kept {kept}")
         shutil.rmtree(run_dir, ignore_errors=True)
     for problem in verdict.problems[:50]:
         both("chaos: PROBLEM " + problem)
