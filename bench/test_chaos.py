@@ -52,3 +52,42 @@ def test_the_checks_flag_lost_doubled_refused_wrongly_stored_and_unequal_summari
     for name, verdict in [("lost", lost), ("doubled", doubled), ("stored_refused", stored_refused),
                           ("wrong_amount", wrong_amount), ("summary", summary), ("stranger", stranger)]:
         assert not verdict.ok, name
+
+
+# ---------------------------------------------------------------------------
+# Defects the chaos runs found, reproduced on their own
+# ---------------------------------------------------------------------------
+
+def _pinned_and_queued(arena):
+    healths = [chaos.instance_health(arena, name) for name in chaos.INSTANCES]
+    assert all(healths), healths
+    return sum(h["pinned"] for h in healths), sum(h["queue"] + h["in_flight"] for h in healths)
+
+
+def test_a_pinned_payment_settled_as_another_requests_duplicate_is_unpinned(tmp_path):
+    """Found by `make chaos SEED=5` (and 3): a correlationId sent twice; one copy's attempt
+    got no answer (pinned), the other copy was stored first; the pinned copy's retry gets
+    422, GET /payments/{id} shows another requestedAt, the payment is settled (X) but its
+    pin stays: /health reports pinned > 0 for ever and the chaos run never quiesces."""
+    arena = chaos.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path, limits=False,
+                        output=False)
+    with arena:
+        runner = chaos.Chaos(arena, lambda line: None)
+        cid = "8f0c2d1e-0000-4000-8000-000000000001"
+        assert runner.admin("default", "PUT", "/admin/configurations/chaos", {"reset_before": 1})
+        status, _ = chaos.http_request(arena.url, "POST", "/payments",
+                                       {"correlationId": cid, "amount": 10.0})
+        assert status == 202
+        deadline = chaos.time.monotonic() + 10
+        while _pinned_and_queued(arena)[0] != 1:       # the attempt was reset: pinned
+            assert chaos.time.monotonic() < deadline, "the payment was never pinned"
+            chaos.time.sleep(0.05)
+        assert runner.admin("default", "PUT", "/admin/configurations/chaos", {})
+        status, _ = chaos.http_request(arena.default_url, "POST", "/payments", {
+            "correlationId": cid, "amount": 10.0, "requestedAt": "2020-01-01T00:00:00.000Z"})
+        assert status == 200                            # the other copy got there first
+        deadline = chaos.time.monotonic() + 15
+        while _pinned_and_queued(arena) != (0, 0):
+            assert chaos.time.monotonic() < deadline, (
+                f"pinned, queued after the payment settled: {_pinned_and_queued(arena)}")
+            chaos.time.sleep(0.1)
