@@ -91,3 +91,37 @@ def test_a_pinned_payment_settled_as_another_requests_duplicate_is_unpinned(tmp_
             assert chaos.time.monotonic() < deadline, (
                 f"pinned, queued after the payment settled: {_pinned_and_queued(arena)}")
             chaos.time.sleep(0.1)
+
+
+def _stored_in(arena, cid):
+    return [name for name, url in (("default", arena.default_url), ("fallback", arena.fallback_url))
+            if chaos.http_request(url, "GET", f"/payments/{cid}")[0] == 200]
+
+
+def _wait_settled(arena, timeout_s):
+    deadline = chaos.time.monotonic() + timeout_s
+    while _pinned_and_queued(arena) != (0, 0):
+        assert chaos.time.monotonic() < deadline, f"not settled: {_pinned_and_queued(arena)}"
+        chaos.time.sleep(0.1)
+
+
+def test_an_id_sent_again_after_it_was_stored_is_not_stored_in_the_other_processor(tmp_path):
+    """Found by `make chaos SEED=6` (96 ids stored in both processors, all sent twice by the
+    client, seconds apart): each copy is accepted and routed on its own, so when the default
+    fails long enough for the second copy to go to the fallback, the one payment is stored,
+    and counted, in both. (FALLBACK_HOLD_S is shortened here to make it quick.)"""
+    arena = chaos.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path, limits=False,
+                        output=False, env={"FALLBACK_HOLD_S": "0.5"})
+    with arena:
+        runner = chaos.Chaos(arena, lambda line: None)
+        cid = "8f0c2d1e-0000-4000-8000-000000000002"
+        payment = {"correlationId": cid, "amount": 10.0}
+        assert chaos.http_request(arena.url, "POST", "/payments", payment)[0] == 202
+        _wait_settled(arena, 10)
+        assert _stored_in(arena, cid) == ["default"]
+        assert runner.admin("default", "PUT", "/admin/configurations/failure", {"failure": True})
+        assert chaos.http_request(arena.url, "POST", "/payments", payment)[0] in (200, 202)
+        chaos.time.sleep(3)                                   # six hold times
+        assert runner.admin("default", "PUT", "/admin/configurations/failure", {"failure": False})
+        _wait_settled(arena, 15)
+        assert _stored_in(arena, cid) == ["default"]
