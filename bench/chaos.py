@@ -528,6 +528,7 @@ def run(seed, duration_s=DEFAULT_DURATION_S, rate=DEFAULT_RATE, lb=None,
         backend = get_json(arena.url, "/payments-summary")
         check(verdict, client.attempts, sent_amount, records, backend, processors)
         timings["check_s"] = time.monotonic() - t2
+        both("chaos: timings " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         restarts = {n: arena.children[n].restarts for n in INSTANCES}
         faults = {}
         for p, url in (("default", arena.default_url), ("fallback", arena.fallback_url)):
