@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test load bench scenarios clean docker docker-down
+.PHONY: run test load bench scenarios chaos soak clean docker docker-down
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -53,3 +53,11 @@ docker-down: | $(BIN)/python
 
 clean:
 	rm -rf $(VENV) bench/out run
+
+# A seeded chaos run (bench/chaos.py): make chaos SEED=42 [DURATION=180]
+chaos: $(VENV)/.dev
+	$(BIN)/python bench/chaos.py $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
+
+# A soak under the limits (bench/soak.py, not in make test): make soak [DURATION=600] [RATE=280]
+soak: $(VENV)/.dev
+	$(BIN)/python bench/soak.py $(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--rate $(RATE))

@@ -9,6 +9,13 @@ rounding, on a small HTTP/1.1 server written directly on asyncio.Protocol
     python bench/processor.py --port 8001 --fee 0.05 [--host 127.0.0.1]
         [--unix PATH] [--token 123] [--base-latency-ms 0] [--health-window-s 5]
 
+Beyond the real processor's API, fault modes for chaos tests (section "Fault
+modes" below): `PUT /admin/configurations/chaos` sets per-payment probabilities
+of connection resets, partial answers, stalls, 500 / 429 answers and latency
+spikes (seeded, so a run can be replayed); `PUT /admin/configurations/refuse`
+closes the listeners for a while; `GET /admin/chaos` reports the faults
+injected so far. With no fault mode set the emulator behaves exactly as before.
+
 --port 0 picks a free port; the actual address is printed on stderr as
 `processor listening on HOST:PORT` once the server accepts connections.
 SIGTERM / SIGINT stop it with exit status 0.
@@ -18,9 +25,12 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import resource
 import signal
+import socket
 import stat
+import struct
 import sys
 from collections import deque
 from datetime import datetime, timedelta, timezone
@@ -54,6 +64,9 @@ HEALTH_QUEUE = 2          # health calls allowed to wait for a later window
 MAX_HEAD = 16 * 1024      # request line + headers
 MAX_BODY = 1024 * 1024
 PIPELINE_PAUSE = 256      # stop reading a connection with this many queued requests
+
+MAX_FAULT_MS = 60_000     # longest stall, latency spike or refusal a fault mode may ask for
+REOPEN_RETRY_S = 0.1      # retry period when a listener cannot be reopened after a refusal
 
 
 # ---------------------------------------------------------------------------
@@ -112,7 +125,7 @@ def parse_json(body: bytes):
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
-    401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+    401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
     413: "Content Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented",
@@ -170,6 +183,13 @@ class Processor:
         self.health_queue = deque()
         self.health_timer = None
         self.retry_after = b"Retry-After: %d\r\n" % max(1, round(health_window_s))
+        # fault modes (None: none set) and what serve() gives for refusals
+        self.chaos = None
+        self.fault_counts = dict.fromkeys(FAULT_COUNTERS, 0)
+        self.connections = set()
+        self.servers = []
+        self.listen = None        # coroutine function (re)opening the listeners
+        self.refusing = False
 
     # -- routing -------------------------------------------------------------
 
@@ -216,7 +236,12 @@ class Processor:
         if instant is None:
             return BAD_REQUEST
         record = (instant, amount, requested_at)
+        if self.chaos is not None:
+            return self.chaotic_payment(key, record)
+        return self.admit(key, record)
 
+    def admit(self, key, record):
+        """The real processor's path for a valid payment: slots, delay, failure, insert."""
         if self.in_flight < MAX_IN_FLIGHT:
             if not self.delay_ms and not self.base_latency:
                 return self.store(key, record) if not self.failing else FAILED
@@ -366,6 +391,167 @@ class Processor:
         self.payments.clear()
         return PURGED
 
+    # -- fault modes (not in the real processor) -------------------------------------
+
+    def set_chaos(self, query: str, body: bytes):
+        doc = parse_json(body)
+        if type(doc) is not dict:
+            return BAD_REQUEST
+        try:
+            chaos = Chaos(doc) if doc else None
+        except ValueError as error:
+            return message(400, str(error))
+        was = self.chaos.settings if self.chaos is not None else {}
+        self.chaos = chaos
+        return (200, dumps({"config": "chaos", "was": was,
+                            "is": chaos.settings if chaos is not None else {}}), JSON_TYPE)
+
+    def chaos_report(self, query: str, body: bytes):
+        return (200, dumps({"chaos": self.chaos.settings if self.chaos is not None else {},
+                            "refusing": self.refusing, "faults": self.fault_counts}), JSON_TYPE)
+
+    def set_refuse(self, query: str, body: bytes):
+        doc = parse_json(body)
+        ms = doc.get("ms") if type(doc) is dict else None
+        if type(ms) is not int or not 0 < ms <= MAX_FAULT_MS:
+            return message(400, f"ms must be an integer in 1..{MAX_FAULT_MS}")
+        if self.listen is None:
+            return message(400, "no listener to close")
+        if self.refusing:
+            return message(409, "already refusing connections")
+        self.refusing = True
+        self.fault_counts["refusals"] += 1
+        # after this answer is written: its connection is closed with the others
+        self.loop.call_soon(self.start_refusing, ms / 1000.0)
+        return (200, dumps({"config": "refuse", "ms": ms}), JSON_TYPE)
+
+    def start_refusing(self, seconds):
+        """Close the listeners (new connections are refused) and every open connection
+        (a payment being processed still completes, its answer is lost), then reopen."""
+        for server in self.servers:
+            server.close()
+        self.servers = []
+        for connection in list(self.connections):
+            connection.closed = True
+            connection.transport.close()
+        self.loop.call_later(seconds, lambda: self.loop.create_task(self.reopen()))
+
+    async def reopen(self):
+        while True:
+            try:
+                self.servers = await self.listen()
+                break
+            except OSError as error:
+                print(f"processor: cannot reopen the listener yet: {error}", file=sys.stderr)
+                await asyncio.sleep(REOPEN_RETRY_S)
+        self.refusing = False
+
+    async def chaotic_payment(self, key, record):
+        """A valid payment under the fault modes: at most one fault, plus maybe a spike."""
+        chaos, counts = self.chaos, self.fault_counts
+        fault, spike, detail = chaos.draw()
+        if spike:
+            counts["spike"] += 1
+            await asyncio.sleep(chaos.spike_ms / 1000.0)
+        if fault is not None:
+            counts[fault] += 1
+        if fault == "reset_before":
+            return Fault("reset")
+        if fault == "error_500":
+            return FAILED
+        if fault == "error_429":
+            return OVERLOADED
+        result = self.admit(key, record)
+        if type(result) is not tuple:
+            result = await result
+        if fault == "reset_after":
+            return Fault("reset")
+        if fault == "partial":
+            return Fault("headers" if detail < 0.5 else "half", result)
+        if fault == "stall":
+            await asyncio.sleep(chaos.stall_ms / 1000.0)
+            if detail < chaos.stall_close:
+                return Fault("close")
+        return result
+
+
+# ---------------------------------------------------------------------------
+# Fault modes
+#
+# PUT /admin/configurations/chaos with a JSON object sets them all at once
+# (keys not given are 0; `{}` clears every mode):
+#   reset_before  reset the connection (RST) without storing the payment
+#   error_500     answer 500 without storing it
+#   error_429     answer 429 without storing it
+#   reset_after   store the payment, then reset the connection (the answer is lost)
+#   partial       store it, then write only the headers or the headers and half
+#                 the body of the answer, and close
+#   stall         store it, wait stall_ms, then close without a byte (with
+#                 probability stall_close) or answer
+#   spike         wait spike_ms more before processing (drawn independently)
+# Each is a probability 0..1 per valid POST /payments; the first six exclude
+# each other (their sum is at most 1). stall_ms and spike_ms default to 1000 and
+# 500, stall_close to 0.5; seed (an integer, default 0) seeds the generator: the
+# same seed and the same sequence of payments give the same faults.
+# ---------------------------------------------------------------------------
+
+EXCLUSIVE_FAULTS = ("reset_before", "error_500", "error_429", "reset_after", "partial", "stall")
+FAULT_COUNTERS = EXCLUSIVE_FAULTS + ("spike", "refusals")
+CHAOS_DEFAULTS = {"stall_ms": 1000, "spike_ms": 500, "stall_close": 0.5, "seed": 0}
+
+
+class Fault:
+    """An answer to POST /payments that breaks the connection: "reset" (RST),
+    "close" (FIN, nothing written), "headers" or "half" (that much of `response`, then FIN)."""
+
+    __slots__ = ("kind", "response")
+
+    def __init__(self, kind, response=None):
+        self.kind, self.response = kind, response
+
+
+def probability(doc, name):
+    value = doc.get(name, 0)
+    if type(value) not in (int, float, Decimal) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in 0..1")
+    return float(value)
+
+
+class Chaos:
+    """Validated fault settings and their seeded generator."""
+
+    def __init__(self, doc: dict):
+        unknown = set(doc) - set(EXCLUSIVE_FAULTS) - {"spike"} - set(CHAOS_DEFAULTS)
+        if unknown:
+            raise ValueError("unknown fault mode(s): " + ", ".join(sorted(unknown)))
+        self.chances = [(name, probability(doc, name)) for name in EXCLUSIVE_FAULTS]
+        if sum(chance for _, chance in self.chances) > 1 + 1e-9:
+            raise ValueError("the probabilities of " + ", ".join(EXCLUSIVE_FAULTS)
+                             + " add up to more than 1")
+        self.spike = probability(doc, "spike")
+        self.stall_close = probability({**CHAOS_DEFAULTS, **doc}, "stall_close")
+        for name in ("stall_ms", "spike_ms", "seed"):
+            value = doc.get(name, CHAOS_DEFAULTS[name])
+            if type(value) is not int or value < 0 or name != "seed" and value > MAX_FAULT_MS:
+                raise ValueError(f"{name} must be an integer in 0..{MAX_FAULT_MS}"
+                                 if name != "seed" else "seed must be a non-negative integer")
+            setattr(self, name, value)
+        self.random = random.Random(self.seed)
+        self.settings = {**{name: chance for name, chance in self.chances}, "spike": self.spike,
+                         "stall_ms": self.stall_ms, "spike_ms": self.spike_ms,
+                         "stall_close": self.stall_close, "seed": self.seed}
+
+    def draw(self):
+        """-> (fault name or None, spike?, a number in [0, 1) for the fault's details)."""
+        roll, spike, detail = self.random.random(), self.random.random(), self.random.random()
+        fault = None
+        for name, chance in self.chances:
+            if roll < chance:
+                fault = name
+                break
+            roll -= chance
+        return fault, spike < self.spike, detail
+
 
 ADMIN_ROUTES = {
     "/admin/payments-summary": ("GET", Processor.summary),
@@ -373,6 +559,9 @@ ADMIN_ROUTES = {
     "/admin/configurations/delay": ("PUT", Processor.set_delay),
     "/admin/configurations/failure": ("PUT", Processor.set_failure),
     "/admin/purge-payments": ("POST", Processor.purge),
+    "/admin/configurations/chaos": ("PUT", Processor.set_chaos),
+    "/admin/configurations/refuse": ("PUT", Processor.set_refuse),
+    "/admin/chaos": ("GET", Processor.chaos_report),
 }
 
 
@@ -398,9 +587,11 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        self.processor.connections.add(self)
 
     def connection_lost(self, exc):
         self.closed = True
+        self.processor.connections.discard(self)
 
     def eof_received(self):
         if self.busy:                 # keep the socket open to write the answers
@@ -515,18 +706,42 @@ class Connection(asyncio.Protocol):
         """Write one response; False when the connection is (now) closed."""
         if self.transport.is_closing():
             return False
-        status, body, extra = response
-        if status == 204:
-            head = STATUS_LINES[204] + extra + connection + b"\r\n"
-        else:
-            head = b"%s%s%sContent-Length: %d\r\n\r\n" % (
-                STATUS_LINES[status], extra, connection, len(body))
-        self.transport.write(head + body)
+        if type(response) is Fault:
+            return self.break_off(response, connection)
+        self.transport.write(render(response, connection))
         if connection is CLOSE:
             self.closed = True
             self.transport.close()
             return False
         return True
+
+    def break_off(self, fault, connection) -> bool:
+        """Apply a fault mode to this connection; always ends it (False)."""
+        self.closed = True
+        if fault.kind == "reset":
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.family != socket.AF_UNIX:
+                # linger 0: close() sends RST instead of FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+            return False
+        if fault.kind in ("headers", "half"):
+            status, body, extra = fault.response
+            data = render(fault.response, connection)
+            head = len(data) - len(body)
+            self.transport.write(data[:head + (len(body) // 2 if fault.kind == "half" else 0)])
+        self.transport.close()
+        return False
+
+
+def render(response, connection) -> bytes:
+    status, body, extra = response
+    if status == 204:
+        head = STATUS_LINES[204] + extra + connection + b"\r\n"
+    else:
+        head = b"%s%s%sContent-Length: %d\r\n\r\n" % (
+            STATUS_LINES[status], extra, connection, len(body))
+    return head + body
 
 
 # ---------------------------------------------------------------------------
@@ -573,23 +788,35 @@ def raise_fd_limit():
 async def serve(args):
     loop = asyncio.get_running_loop()
     processor = Processor(args.fee, args.token, args.base_latency_ms, args.health_window_s)
-    servers, names = [], []
-    if args.port is not None:
-        server = await loop.create_server(lambda: Connection(processor), args.host,
-                                          args.port, backlog=4096, reuse_address=True)
-        port = server.sockets[0].getsockname()[1]
-        servers.append(server)
+    names = []
+    port = args.port
+
+    async def listen():
+        """Open the listeners (at start, and again after a refusal: same port)."""
+        nonlocal port
+        servers = []
+        if port is not None:
+            server = await loop.create_server(lambda: Connection(processor), args.host,
+                                              port, backlog=4096, reuse_address=True)
+            port = server.sockets[0].getsockname()[1]
+            servers.append(server)
+        if args.unix is not None:
+            try:
+                if stat.S_ISSOCK(os.stat(args.unix).st_mode):
+                    os.unlink(args.unix)            # stale socket of a previous run
+            except FileNotFoundError:
+                pass
+            server = await loop.create_unix_server(lambda: Connection(processor), args.unix,
+                                                   backlog=4096)
+            os.chmod(args.unix, 0o666)
+            servers.append(server)
+        return servers
+
+    processor.servers = await listen()
+    processor.listen = listen
+    if port is not None:
         names.append(f"{args.host}:{port}")
     if args.unix is not None:
-        try:
-            if stat.S_ISSOCK(os.stat(args.unix).st_mode):
-                os.unlink(args.unix)            # stale socket of a previous run
-        except FileNotFoundError:
-            pass
-        server = await loop.create_unix_server(lambda: Connection(processor), args.unix,
-                                               backlog=4096)
-        os.chmod(args.unix, 0o666)
-        servers.append(server)
         names.append(f"unix:{args.unix}")
 
     stop = asyncio.Event()
@@ -597,7 +824,7 @@ async def serve(args):
         loop.add_signal_handler(signum, stop.set)
     print("processor listening on " + ", ".join(names), file=sys.stderr, flush=True)
     await stop.wait()
-    for server in servers:
+    for server in processor.servers:
         server.close()
     if args.unix is not None:
         try:

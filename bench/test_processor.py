@@ -204,6 +204,7 @@ def emu(shared_emulator):
     assert admin(shared_emulator, "PUT", "/admin/configurations/delay", {"delay": 0}).status == 200
     assert admin(shared_emulator, "PUT", "/admin/configurations/failure",
                  {"failure": False}).status == 200
+    assert admin(shared_emulator, "PUT", "/admin/configurations/chaos", {}).status == 200
     assert admin(shared_emulator, "POST", "/admin/purge-payments").status == 200
     return shared_emulator
 
@@ -636,6 +637,197 @@ def test_malformed_request_line_gets_400_and_close(emu):
         client.send(b"garbage\r\n\r\n")
         assert client.read().status == 400
         assert client.closed_by_peer()
+
+
+# ---------------------------------------------------------------------------
+# Fault modes (not in the real processor): PUT /admin/configurations/chaos,
+# PUT /admin/configurations/refuse, GET /admin/chaos
+# ---------------------------------------------------------------------------
+
+def set_chaos(emu, **modes) -> Response:
+    answer = admin(emu, "PUT", "/admin/configurations/chaos", modes)
+    assert answer.status == 200, answer
+    return answer
+
+
+def faults(emu) -> dict:
+    return admin(emu, "GET", "/admin/chaos").json()["faults"]
+
+
+def exchange(emu, data: bytes, timeout=10.0):
+    """Send raw bytes, read until the emulator ends the connection: (bytes, "eof" | "reset")."""
+    with Client(emu.address, timeout) as client:
+        client.send(data)
+        received = b""
+        while True:
+            try:
+                chunk = client.sock.recv(65536)
+            except ConnectionResetError:
+                return received, "reset"
+            if not chunk:
+                return received, "eof"
+            received += chunk
+
+
+def stored(emu, cid) -> bool:
+    status = call(emu, "GET", f"/payments/{cid}").status
+    assert status in (200, 404)
+    return status == 200
+
+
+def payment_request(cid) -> bytes:
+    return build("POST", "/payments", payment_body(cid))
+
+
+def full_answer(emu) -> bytes:
+    """The exact bytes of a normal 200 answer to a payment (the emulator's own rendering)."""
+    data, how = exchange(emu, build("POST", "/payments", payment_body(uuid.uuid4()),
+                                    headers={"Connection": "close"}))
+    assert how == "eof"
+    return data
+
+
+def test_reset_before_resets_the_connection_and_stores_nothing(emu):
+    set_chaos(emu, reset_before=1)
+    cid = uuid.uuid4()
+    assert exchange(emu, payment_request(cid)) == (b"", "reset")
+    set_chaos(emu)
+    assert not stored(emu, cid)
+    assert faults(emu)["reset_before"] >= 1
+
+
+def test_reset_after_stores_the_payment_then_resets_without_an_answer(emu):
+    set_chaos(emu, reset_after=1)
+    cid = uuid.uuid4()
+    assert exchange(emu, payment_request(cid)) == (b"", "reset")
+    assert stored(emu, cid)
+    assert count(emu) == 1
+
+
+def test_partial_answer_stores_the_payment_and_sends_a_strict_prefix_then_closes(emu):
+    whole = full_answer(emu).replace(b"Connection: close\r\n", b"")
+    head_length = whole.index(b"\r\n\r\n") + 4
+    set_chaos(emu, partial=1, seed=7)
+    kinds = set()
+    for _ in range(8):
+        cid = uuid.uuid4()
+        data, how = exchange(emu, payment_request(cid))
+        assert how == "eof" and stored(emu, cid)
+        assert whole.startswith(data) and len(data) < len(whole)
+        kinds.add("headers" if len(data) == head_length else "half")
+        if len(data) != head_length:
+            assert len(data) == head_length + (len(whole) - head_length) // 2
+    assert kinds == {"headers", "half"}
+
+
+def test_stall_holds_the_answer_then_closes_or_answers_with_the_payment_stored(emu):
+    set_chaos(emu, stall=1, stall_ms=300, stall_close=1)
+    cid = uuid.uuid4()
+    started = time.monotonic()
+    assert exchange(emu, payment_request(cid)) == (b"", "eof")
+    assert time.monotonic() - started >= 0.3
+    assert stored(emu, cid)
+    set_chaos(emu, stall=1, stall_ms=300, stall_close=0)
+    started = time.monotonic()
+    answer = pay(emu)
+    assert time.monotonic() - started >= 0.3
+    assert answer.status == 200
+
+
+@pytest.mark.parametrize("mode, status", [("error_500", 500), ("error_429", 429)])
+def test_error_modes_answer_their_status_and_store_nothing(emu, mode, status):
+    set_chaos(emu, **{mode: 1})
+    cid = uuid.uuid4()
+    assert pay(emu, cid).status == status
+    assert not stored(emu, cid)
+    assert faults(emu)[mode] >= 1
+
+
+def test_latency_spike_delays_the_answer_and_still_stores(emu):
+    set_chaos(emu, spike=1, spike_ms=300)
+    cid = uuid.uuid4()
+    started = time.monotonic()
+    assert pay(emu, cid).status == 200
+    assert time.monotonic() - started >= 0.3
+    assert stored(emu, cid)
+
+
+def _outcomes(emu, n):
+    out = []
+    for _ in range(n):
+        cid = uuid.uuid4()
+        data, how = exchange(emu, build("POST", "/payments", payment_body(cid),
+                                        headers={"Connection": "close"}))
+        status = data.split(b" ", 2)[1] if data.startswith(b"HTTP/1.1 ") else b"-"
+        out.append((how, status, len(data), stored(emu, cid)))
+    return out
+
+
+def test_same_seed_gives_the_same_faults_and_other_seeds_differ(emu):
+    modes = dict(reset_before=0.15, reset_after=0.15, partial=0.15, error_500=0.15,
+                 error_429=0.15, stall=0.1, stall_ms=20, spike=0.2, spike_ms=5)
+    runs = []
+    for seed in (11, 11, 12):
+        set_chaos(emu, seed=seed, **modes)
+        runs.append(_outcomes(emu, 30))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    assert len({o[:2] for o in runs[0]}) >= 4          # several kinds of outcome happened
+
+
+def test_cleared_chaos_answers_byte_identical_to_no_chaos(emu):
+    before = full_answer(emu)
+    set_chaos(emu, reset_before=1)
+    assert set_chaos(emu).json()["is"] == {}
+    assert full_answer(emu) == before
+    with Client(emu.address) as client:                 # keep-alive as before
+        assert [client.request("POST", "/payments", payment_body(uuid.uuid4())).status
+                for _ in range(3)] == [200] * 3
+
+
+@pytest.mark.parametrize("doc", [
+    {"reset_before": 0.6, "reset_after": 0.6},          # the exclusive modes add up to > 1
+    {"partial": 1.5}, {"spike": -0.1}, {"stall": "0.5"}, {"stall_ms": 60_001},
+    {"seed": -1}, {"explode": 0.1},
+])
+def test_invalid_chaos_settings_get_400_and_change_nothing(emu, doc):
+    assert admin(emu, "PUT", "/admin/configurations/chaos", doc).status == 400
+    assert admin(emu, "GET", "/admin/chaos").json()["chaos"] == {}
+    assert pay(emu).status == 200
+
+
+def test_fault_mode_endpoints_require_the_token(emu):
+    assert admin(emu, "PUT", "/admin/configurations/chaos", {"error_500": 1}, token="x").status == 401
+    assert admin(emu, "PUT", "/admin/configurations/refuse", {"ms": 100}, token=None).status == 401
+    assert admin(emu, "GET", "/admin/chaos", token="x").status == 401
+    assert pay(emu).status == 200
+
+
+def _connect_refused(address) -> bool:
+    try:
+        socket.create_connection(address, timeout=2).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def test_refuse_closes_connections_refuses_new_ones_then_reopens_with_payments_kept(fresh):
+    emu = fresh()
+    cid = uuid.uuid4()
+    assert pay(emu, cid).status == 200
+    with Client(emu.address) as idle:
+        assert idle.request("GET", f"/payments/{cid}").status == 200
+        answer = admin(emu, "PUT", "/admin/configurations/refuse", {"ms": 1500})
+        assert answer.status == 200 and answer.json() == {"config": "refuse", "ms": 1500}
+        assert idle.closed_by_peer()                    # open connections are closed
+    assert _connect_refused(emu.address)                # new ones are refused
+    deadline = time.monotonic() + 10
+    while _connect_refused(emu.address):
+        assert time.monotonic() < deadline, "the listener was not reopened"
+        time.sleep(0.05)
+    assert stored(emu, cid)                             # same process, same records
+    assert pay(emu).status == 200
+    assert faults(emu)["refusals"] == 1
 
 
 # ---------------------------------------------------------------------------
