@@ -1476,7 +1476,7 @@ class Replication:
             status, _ = await stream.peer.request(b"POST", IDS_PATH, bytes(ids[:sent]), b"", PEER_TIMEOUT_S)
         except UpstreamError:
             return  # kept for the next time
-        if status == 200:
+        if status == 202:
             del ids[:sent]
 
     def receive_ids(self, body):

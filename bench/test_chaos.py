@@ -69,8 +69,10 @@ def test_a_pinned_payment_settled_as_another_requests_duplicate_is_unpinned(tmp_
     got no answer (pinned), the other copy was stored first; the pinned copy's retry gets
     422, GET /payments/{id} shows another requestedAt, the payment is settled (X) but its
     pin stays: /health reports pinned > 0 for ever and the chaos run never quiesces."""
+    # One failure opens the breaker for 2 s: the pinned copy's retry waits while the other
+    # copy is stored (a working processor gets pinned payments re-sent at once).
     arena = chaos.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path, limits=False,
-                        output=False)
+                        output=False, env={"BREAKER_FAILURES": "1", "BREAKER_RETRY_S": "2"})
     with arena:
         runner = chaos.Chaos(arena, lambda line: None)
         cid = "8f0c2d1e-0000-4000-8000-000000000001"
@@ -119,6 +121,7 @@ def test_an_id_sent_again_after_it_was_stored_is_not_stored_in_the_other_process
         assert chaos.http_request(arena.url, "POST", "/payments", payment)[0] == 202
         _wait_settled(arena, 10)
         assert _stored_in(arena, cid) == ["default"]
+        chaos.time.sleep(1)  # seconds apart, as in the chaos run (ids reach the peer within 50 ms)
         assert runner.admin("default", "PUT", "/admin/configurations/failure", {"failure": True})
         assert chaos.http_request(arena.url, "POST", "/payments", payment)[0] in (200, 202)
         chaos.time.sleep(3)                                   # six hold times
