@@ -128,3 +128,33 @@ def test_an_id_sent_again_after_it_was_stored_is_not_stored_in_the_other_process
         assert runner.admin("default", "PUT", "/admin/configurations/failure", {"failure": False})
         _wait_settled(arena, 15)
         assert _stored_in(arena, cid) == ["default"]
+
+
+def test_two_copies_of_an_id_retried_together_on_one_instance_are_counted_once(tmp_path):
+    """Found by `make chaos SEED=10` (backend 34824 payments on default, processor 34823; the
+    extra one, 384.93, an id the client sent twice 0.3 s apart): copies of one id share its
+    pin, so both retries carry the first attempt's requestedAt; one gets 200, the other 422,
+    and GET /payments/{id} shows "our" requestedAt: both are counted. The backend then reports
+    more than the processors hold (a negative lag, which disqualifies).
+
+    Emulator draws with seed 8 and reset_after 0.5: the first attempt is stored and its answer
+    lost, the next two are not faulted; every attempt waits spike_ms first, so the second copy
+    arrives while the first copy's retry is in flight."""
+    arena = chaos.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path, limits=False,
+                        output=False)
+    with arena:
+        runner = chaos.Chaos(arena, lambda line: None)
+        api1 = f"unix:{arena.socket_path('api1')}"
+        payment = {"correlationId": "8f0c2d1e-0000-4000-8000-000000000003", "amount": 10.0}
+        assert runner.admin("default", "PUT", "/admin/configurations/chaos",
+                            {"reset_after": 0.5, "spike": 1, "spike_ms": 1000, "seed": 8})
+        assert chaos.http_request(api1, "POST", "/payments", payment)[0] == 202
+        chaos.time.sleep(1.5)               # first attempt lost at ~1 s; its retry in flight
+        assert chaos.http_request(api1, "POST", "/payments", payment)[0] == 202
+        _wait_settled(arena, 15)
+        assert runner.admin("default", "PUT", "/admin/configurations/chaos", {})
+        token = {"X-Rinha-Token": arena.token}
+        held = chaos.get_json(arena.default_url, "/admin/payments-summary", token)["totalRequests"]
+        counted = chaos.get_json(arena.url, "/payments-summary")["default"]["totalRequests"]
+        assert held == 1
+        assert counted == held
