@@ -77,6 +77,7 @@ PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
 HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
 TICK_S = env_float("TICK_S", 0.1)
+STALL_S = env_float("STALL_S", 0.8)
 REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.05)
 REPLICA_BATCH = env_int("REPLICA_BATCH", 500)
 REPLICA_READY_MAX_S = env_float("REPLICA_READY_MAX_S", 3.0)
@@ -272,6 +273,10 @@ class Unavailable(HttpError):
 
 
 class JournalFull(Unavailable):
+    extra = b"Retry-After: 1\r\n"
+
+
+class StalledInstance(Unavailable):
     extra = b"Retry-After: 1\r\n"
 
 
@@ -1606,6 +1611,8 @@ class Server:
         self.lag_now = 0.0  # longest event-loop lag seen in the current second
         self.loop_lag = 0.0  # ... in the last whole second
         self.ticks = 0
+        self.last_tick = time.monotonic()
+        self.resumed_at = -1e9  # when a tick last found the loop had stood still STALL_S
 
     def answered_post(self, seconds):
         self.post_seconds[bisect.bisect_left(POST_BUCKETS_S, seconds)] += 1
@@ -1615,6 +1622,9 @@ class Server:
         """Every TICK_S: `late` is how much later than asked this tick ran (the loop's lag).
         Once a second: close connections that stalled mid-request or idled too long."""
         self.lag_now = max(self.lag_now, late)
+        self.last_tick = time.monotonic()
+        if late > STALL_S:
+            self.resumed_at = self.last_tick
         self.ticks += 1
         if self.ticks * TICK_S >= 1.0:
             self.ticks = 0
@@ -1787,7 +1797,14 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.abort()
             return
         self.buffer += data
-        self.active_at = time.monotonic()
+        self.active_at = now = time.monotonic()
+        server = self.server
+        if now - server.last_tick > STALL_S or now - server.resumed_at < TICK_S:
+            # The loop stood still (SIGSTOP, a stall) and this arrived meanwhile: the load
+            # balancer may have given up on it and sent it to a peer, which took it. Taking
+            # it here too could forward one payment twice: refuse it, it was never ours.
+            # (Read before the first tick after the stall, or within a tick after it.)
+            return self.close_after(StalledInstance("this instance stalled; retry").response(close=True))
         if not self.request_since:
             self.request_since = self.active_at
         if not self.busy:

@@ -1758,6 +1758,45 @@ def test_a_retry_through_haproxy_on_either_instance_is_not_forwarded_again(fresh
             instance.process.stop()
 
 
+def test_what_a_hung_instance_reads_when_it_resumes_is_refused_not_accepted_a_second_time(
+        fresh, pair_behind_haproxy):
+    # haproxy re-sends a request a hung (SIGSTOP) instance does not answer within its server
+    # timeout to the other instance, which takes it; the hung one, resumed, read the same
+    # request from its socket and took it too: one payment, two copies, possibly forwarded to
+    # both processors.
+    default, fallback = fresh
+    instances, balancer = pair_behind_haproxy
+    answered, lock, running = [], threading.Lock(), [True]
+
+    def client():
+        while running[0]:
+            cid = str(uuid.uuid4())
+            try:
+                status = call(balancer.port, "POST", "/payments", {"correlationId": cid, "amount": 5}, timeout=5)[0]
+            except OSError:
+                continue
+            if status == 202:
+                with lock:
+                    answered.append(cid)
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    instances[0].process.popen.send_signal(signal.SIGSTOP)
+    time.sleep(2.0)
+    instances[0].process.popen.send_signal(signal.SIGCONT)
+    time.sleep(1.5)
+    running[0] = False
+    for thread in threads:
+        thread.join()
+    assert all(wait_until(lambda: drained(instance), timeout=10) for instance in instances)
+    healths = [instance.health() for instance in instances]
+    assert sum(h["accepted"] for h in healths) == len(answered) > 100, healths
+    assert sum(h["duplicates"] for h in healths) == 0
+    assert default.summary()["totalRequests"] == len(answered)
+    assert all(default.stored(cid) for cid in answered[::10])
+
+
 def test_killed_under_load_the_survivor_answers_the_contest_window_exactly_every_50_ms(
         fresh, pair_behind_haproxy):
     default, fallback = fresh
