@@ -110,6 +110,7 @@ def log(message):
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID_BYTES = re.compile(UUID_PATTERN.pattern.encode())
 _second_text = [-1, b""]  # cache: the formatted second changes once a second, not once a payment
 
 
@@ -468,13 +469,14 @@ class Journal:
     A seq cid cents accepted_ms   accepted        S seq proc requested_ms    about to send
     C seq proc requested_ms cents confirmed       X seq   settled, not ours (duplicate, refused)
     U seq    an attempt proved not stored: unpinned        P epoch   purge: ledger emptied
+    I cid    an id accepted by a peer (after a compaction: any id still remembered)
     L proc requested_ms cents     a confirmed payment (compacted form)
     A write that fails or lands short is cut back to the last whole record, so a later record
     is never glued to a fragment; replay ignores a torn last line. JOURNAL_RESERVE_BYTES are
     set aside on the disk beside it: when the disk fills, they are freed for the records of
     payments already accepted, and the journal is `full` (refusing new ones) until the disk
     has room for the reserve again."""
-    __slots__ = ("path", "fd", "end", "torn", "full", "compacted", "compacting")
+    __slots__ = ("path", "fd", "end", "torn", "full", "compacted", "compacting", "remembered")
 
     def __init__(self, path):
         self.path = path
@@ -484,6 +486,7 @@ class Journal:
         self.full = False  # the disk filled up: the reserve is spent
         self.compacted = 0  # size right after the last compaction
         self.compacting = False
+        self.remembered = deque(maxlen=REMEMBERED_IDS)  # ids of A and I records, from replay
 
     def replay(self, ledger):
         """Rebuild the ledger; return (pending payments {seq: [cid, cents, accepted_ms, pin]}
@@ -504,10 +507,15 @@ class Journal:
                     continue
                 if kind == b"P":  # a purge; "P epoch" since replication, also heads a compaction
                     ledger.clear(int(fields[1]) if len(fields) > 1 else None)
+                    self.remembered.clear()
+                    continue
+                if kind == b"I":
+                    self.remembered.append(fields[1])
                     continue
                 seq = int(fields[1])
                 if kind == b"A":
                     pending[seq] = [fields[2], int(fields[3]), int(fields[4]), None]
+                    self.remembered.append(fields[2])
                     next_seq = max(next_seq, seq + 1)
                 elif kind == b"S" and seq in pending:
                     pending[seq][3] = (int(fields[2]), int(fields[3]))
@@ -530,7 +538,7 @@ class Journal:
         temporary = self.path + ".compact"
         try:
             with open(temporary, "wb") as out:
-                out.writelines(snapshot_records(ledger, pending))
+                out.writelines(snapshot_records(ledger, pending, self.remembered))
                 out.flush()
                 os.fsync(out.fileno())
             self.replace_with(temporary)
@@ -558,7 +566,7 @@ class Journal:
     def due_for_compaction(self):
         return not self.compacting and self.end > max(JOURNAL_COMPACT_BYTES, 2 * self.compacted)
 
-    async def compact(self, ledger, pending, start):
+    async def compact(self, ledger, pending, start, remembered=()):
         """While running: write the state as it was when the journal ended at `start` (ledger:
         a copy, pending payments) to a new file, JOURNAL_COMPACT_SLICE records per turn of the
         loop; then, in one turn, add the records appended since, sync, and rename it over the
@@ -566,7 +574,7 @@ class Journal:
         temporary, fd = self.path + ".compact", -1
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            records = snapshot_records(ledger, pending)
+            records = snapshot_records(ledger, pending, remembered)
             while True:
                 chunk = b"".join(itertools.islice(records, JOURNAL_COMPACT_SLICE))
                 if not chunk:
@@ -644,15 +652,17 @@ class Journal:
         return self.end
 
 
-def snapshot_records(ledger, pending):
-    """The journal records that rebuild this state: the ledger's payments, then the pending
-    ones ({seq: [cid, cents, accepted_ms, pin]}) with their pins. The epoch (after a purge)
+def snapshot_records(ledger, pending, remembered=()):
+    """The journal records that rebuild this state: the ledger's payments, the ids still
+    remembered, then the pending payments ({seq: [cid, cents, accepted_ms, pin]}) with their pins. The epoch (after a purge)
     comes first, then the L lines in confirmation order, so a replay rebuilds the
     confirmation log entry by entry: peers hold it by index (see Replication)."""
     if ledger.epoch:
         yield b"P %d\n" % ledger.epoch
     for processor, ms, cents in ledger.entries():
         yield b"L %d %d %d\n" % (processor, ms, cents)
+    for cid in remembered:
+        yield b"I %s\n" % cid
     for seq, (cid, cents, accepted, pin) in pending.items():
         yield b"A %d %s %d %d\n" % (seq, cid, cents, accepted)
         if pin:
@@ -1062,7 +1072,7 @@ class Pipeline:
         self.journal = journal
         self.ledger = ledger
         self.backlog = Backlog()
-        self.recent = RecentIds(entry[0] for entry in (pending or {}).values())
+        self.recent = RecentIds(itertools.chain(journal.remembered, (e[0] for e in (pending or {}).values())))
         self.lanes = (Lane(DEFAULT, DEFAULT_PROCESSOR_URL), Lane(FALLBACK, FALLBACK_PROCESSOR_URL))
         self.next_seq = next_seq
         self.outboxes = []  # per peer: ids accepted here, to tell it (see Replication)
@@ -1288,7 +1298,7 @@ class Pipeline:
         journal = self.journal
         if journal.due_for_compaction():
             journal.compacting = True  # the state and the offset it matches, taken together:
-            work = journal.compact(self.ledger.copy(), self.pending(), journal.end)
+            work = journal.compact(self.ledger.copy(), self.pending(), journal.end, list(self.recent.order))
             asyncio.get_running_loop().create_task(work)
 
     def journal_quietly(self, line):
@@ -1407,9 +1417,10 @@ class PeerStream:
 class Replication:
     """Streams the own ledger's log to the peers and keeps their logs as replicas."""
 
-    def __init__(self, ledger, peers, recent=None):
+    def __init__(self, ledger, peers, recent=None, journal=None):
         self.ledger = ledger
         self.recent = recent  # the pipeline's RecentIds: ids accepted here or by a peer
+        self.journal = journal  # where ids learnt from peers are kept across a restart
         self.replicas = {}  # origin (a peer's INSTANCE_ID, bytes) -> Ledger without a log
         self.complete = set()  # origins whose whole log we have held since we started
         self.streams = [PeerStream(peer) for peer in peers]
@@ -1485,10 +1496,15 @@ class Replication:
             del ids[:sent]
 
     def receive_ids(self, body):
-        if len(body) % 36:
+        ids = [body[at:at + 36] for at in range(0, len(body), 36)]
+        if len(body) % 36 or not all(UUID_BYTES.fullmatch(cid) for cid in ids):
             raise InvalidBatch("expected 36-byte correlationIds")
-        for at in range(0, len(body), 36):
-            self.recent.add(body[at:at + 36])
+        for cid in ids:
+            self.recent.add(cid)
+        try:
+            self.journal.append(b"".join(b"I %s\n" % cid for cid in ids))
+        except OSError as error:  # remembered until a restart, then not: best effort
+            log(f"journal write failed: {error}")
 
     async def stop(self):
         """Stop streaming, then send each answering peer what it still lacks (bounded by
@@ -1599,7 +1615,7 @@ class Server:
     def __init__(self, pipeline, peers):
         self.pipeline = pipeline
         self.peers = peers
-        self.replication = Replication(pipeline.ledger, peers, pipeline.recent)
+        self.replication = Replication(pipeline.ledger, peers, pipeline.recent, pipeline.journal)
         pipeline.outboxes = [stream.ids for stream in self.replication.streams]
         self.connections = set()
         self.draining = False
