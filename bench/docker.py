@@ -799,6 +799,32 @@ def cmd_down(args):
     return 0
 
 
+DOCKER_HEADER = ("| date (UTC) | commit | score | p99 ms | lag | incons. | default / fallback | failed POSTs | "
+                 "CPU ms/pay | load-balancer CPU s / peak MB | api1 CPU s / peak MB | api2 CPU s / peak MB |")
+DOCKER_SECTION = """## Docker
+
+`python bench/docker.py bench`: the contest scenario (k6, 550 VUs, 60 s) against the compose file on
+the Docker engine, with the compose file's per-container limits (stand-in base images, see README).
+CPU and peak memory per container from its cgroup over the run."""
+
+
+def record_bench(result):
+    """Append the run's row to the Docker table of bench/RESULTS.md."""
+    from bench import git_commit, insert_row
+    from datetime import datetime, timezone
+    containers = result["containers"]
+
+    def service(name):
+        usage = containers.get(name, {})
+        return f"{usage.get('cpu_s', 0):.2f} / {usage.get('peak_memory_bytes', 0) / 2**20:.0f}"
+    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d %H:%M} | {git_commit()} | {result['score']:,.2f} | "
+           f"{result['p99']} | {result['lag']} | {result['inconsistencies']} | "
+           f"{result['default']['totalRequests']} / {result['fallback']['totalRequests']} | {result['failed_posts']} | "
+           f"{result['cpu_s_per_payment'] * 1000:.2f} | {service('load-balancer')} | {service('api1')} | {service('api2')} |")
+    insert_row(row, DOCKER_HEADER, DOCKER_SECTION)
+    _log("recorded in bench/RESULTS.md")
+
+
 def cmd_bench(args):
     started = prepare(owner="bench")
     project = f"rinhabench{secrets.token_hex(3)}"
@@ -810,6 +836,8 @@ def cmd_bench(args):
                            duration_s=args.duration)
         print(json.dumps({k: result[k] for k in ("score", "p99", "cpu_s_per_payment", "containers")}, indent=1))
         _log(bench_line(result))
+        if not args.no_record:
+            record_bench(result)
     finally:
         stack.down()
         if started:
@@ -834,6 +862,7 @@ def main(argv=None):
     bench.add_argument("--max-requests", type=int, default=None, help="VUs at the end of the ramp (550)")
     bench.add_argument("--duration", type=float, default=None, help="length of the ramp in seconds (60)")
     bench.add_argument("--out-dir", default=str(BENCH / "out" / "docker"))
+    bench.add_argument("--no-record", action="store_true", help="print the row, do not append it")
     sub.add_parser("install", help="install the engine and compose v2 only")
     for sp in (up, down):
         sp.add_argument("--project", default=DEFAULT_PROJECT, help="compose project name (rinha)")
