@@ -925,7 +925,8 @@ class Upstream:
 # attempt may have landed is pinned to that processor until an answer or a lookup settles it.
 # ---------------------------------------------------------------------------
 
-# A payment's states.
+# A payment's states. IN_FLIGHT is the attempt itself (Backlog.flying): the tables below map
+# the state before an attempt and its outcome to the state after it.
 QUEUED, IN_FLIGHT, PINNED, CONFIRMED, NOT_OURS = "queued", "in flight", "pinned", "confirmed", "not ours"
 
 # Outcomes of an attempt (POST /payments to one processor).
