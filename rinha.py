@@ -66,6 +66,7 @@ REMEMBERED_IDS = env_int("REMEMBERED_IDS", 200_000)
 IN_FLIGHT_MIN = env_int("IN_FLIGHT_MIN", 4)
 IN_FLIGHT_CAP = env_int("IN_FLIGHT_CAP", 300)
 FORWARD_RATE = env_float("FORWARD_RATE", 2000.0)
+FORWARD_BATCH_S = env_float("FORWARD_BATCH_S", 0.05)
 LATENCY_WEIGHT = env_float("LATENCY_WEIGHT", 0.2)
 PROCESSOR_TIMEOUT_S = env_float("PROCESSOR_TIMEOUT_S", 10.0)
 BREAKER_FAILURES = env_int("BREAKER_FAILURES", 3)
@@ -78,7 +79,8 @@ HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
 TICK_S = env_float("TICK_S", 0.1)
 STALL_S = env_float("STALL_S", 0.8)
-REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.05)
+REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.25)
+REPLICA_HEARTBEAT_S = env_float("REPLICA_HEARTBEAT_S", 1.0)
 REPLICA_BATCH = env_int("REPLICA_BATCH", 500)
 REPLICA_READY_MAX_S = env_float("REPLICA_READY_MAX_S", 3.0)
 SHUTDOWN_GRACE_S = env_float("SHUTDOWN_GRACE_S", 10.0)
@@ -1039,8 +1041,9 @@ class Breaker:
 
 class Lane:
     """One processor as the router sees it: its connections, its breaker, and how many
-    payments may be in flight there. By Little's law, in flight = rate x latency: the limit
-    follows the latency for FORWARD_RATE payments/s, between IN_FLIGHT_MIN and IN_FLIGHT_CAP,
+    payments may be in flight there. By Little's law, in flight = rate x latency, and the
+    pump sends what gathered over FORWARD_BATCH_S at once: the limit follows
+    FORWARD_RATE x (latency + FORWARD_BATCH_S), between IN_FLIGHT_MIN and IN_FLIGHT_CAP,
     grows by one per answer (a slow start), and halves on a 429."""
     __slots__ = ("index", "upstream", "breaker", "in_flight", "limit", "latency", "confirmed", "failed")
 
@@ -1056,7 +1059,7 @@ class Lane:
 
     def answered(self, seconds):
         self.latency += (seconds - self.latency) * LATENCY_WEIGHT
-        target = min(IN_FLIGHT_CAP, max(IN_FLIGHT_MIN, math.ceil(FORWARD_RATE * self.latency)))
+        target = min(IN_FLIGHT_CAP, max(IN_FLIGHT_MIN, math.ceil(FORWARD_RATE * (self.latency + FORWARD_BATCH_S))))
         self.limit = self.limit + 1 if self.limit < target else target
 
     def throttled(self):
@@ -1080,6 +1083,7 @@ class Pipeline:
         self.accepted = self.duplicates = self.rejected = 0
         self.running = True
         self.pump_due = False
+        self.pumped_at = -FORWARD_BATCH_S  # time.monotonic() of the latest pump
         self.wake = None  # timer for the next moment a held payment may move
         self.wake_at = 0.0
         now = time.monotonic()
@@ -1122,9 +1126,17 @@ class Pipeline:
 
     # -- routing -----------------------------------------------------------
     def pump_soon(self):
+        """Pump at once, or FORWARD_BATCH_S after the latest pump if that is later. Under
+        load, payments then go out together and their answers come back together: a wakeup
+        of this process costs more than the work of a payment, and this halves the wakeups
+        an answer costs. Idle, the first payment goes at once."""
         if not self.pump_due:
             self.pump_due = True
-            asyncio.get_running_loop().call_soon(self.pump)
+            wait = self.pumped_at + FORWARD_BATCH_S - time.monotonic()
+            if wait > 0:
+                asyncio.get_running_loop().call_later(wait, self.pump)
+            else:
+                asyncio.get_running_loop().call_soon(self.pump)
 
     def pump(self):
         """Start every attempt that may start now: pinned payments on their own processor
@@ -1132,7 +1144,7 @@ class Pipeline:
         self.pump_due = False
         if not self.running:
             return
-        now = time.monotonic()
+        now = self.pumped_at = time.monotonic()
         backlog = self.backlog
         for lane in self.lanes:
             waiting = backlog.pinned[lane.index]
@@ -1370,14 +1382,18 @@ class Pipeline:
 # Each instance streams its confirmation log (Ledger.log) to every peer and keeps a replica
 # of each peer's, so any instance answers the whole backend's summary alone and at once,
 # whether its peers are up, restarting or hung. One exchange, POST /internal/replica:
-#   request  "origin epoch offset total\n", then entries offset, offset+1, ... of origin's
-#            log as packed native int64 triples (processor, requestedAt ms, cents);
-#            total: the length of origin's log when sent
+#   request  "origin epoch offset total mine\n", then entries offset, offset+1, ... of
+#            origin's log as packed native int64 triples (processor, requestedAt ms, cents);
+#            total: the length of origin's log when sent; mine: how many entries of the
+#            receiver's log origin holds (-1: no replica of it yet, as after a restart)
 #   answer   "receiver epoch held": how many entries of origin's log the receiver holds
 # The receiver applies only the entries at index >= held (a resend, or a batch whose answer
 # was lost, never counts twice; a batch past a gap applies nothing) and the sender goes on
 # from held (a sender that does not know it yet sends an empty batch at the end of its log
-# to ask), so after a restart of either side each learns where the other is. Indexes are
+# to ask), so after a restart of either side each learns where the other is. An exchange
+# goes out every REPLICA_INTERVAL_S while there is something to send, else every
+# REPLICA_HEARTBEAT_S; a receiver told by `mine` that the sender lacks part of its own log
+# sends at once (a restarted peer is refilled without waiting for a heartbeat). Indexes are
 # valid across restarts because the log's order is: a replay rebuilds it entry by entry
 # (C and L records in the journal's order). A log shorter than what a receiver holds (its
 # journal was lost) makes the receiver drop that replica and take it again from 0. A purge
@@ -1403,7 +1419,7 @@ class InvalidBatch(HttpError):
 class PeerStream:
     """This instance's log as sent to one peer: how much of it the peer holds; and the ids
     accepted here that the peer has not been told yet."""
-    __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by", "ids")
+    __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by", "ids", "sent_at", "wake")
 
     def __init__(self, peer):
         self.peer = peer
@@ -1413,6 +1429,8 @@ class PeerStream:
         self.name = None  # the peer's INSTANCE_ID, from its answers
         self.answered = None  # whether the last exchange got an answer; None before the first
         self.ignored_by = None  # the newer epoch the peer is at, once logged
+        self.sent_at = -REPLICA_HEARTBEAT_S  # time.monotonic() of the latest exchange
+        self.wake = None  # the future the stream sleeps on between exchanges
 
 
 class Replication:
@@ -1435,26 +1453,48 @@ class Replication:
         self.tasks = [asyncio.ensure_future(self.stream(stream)) for stream in self.streams]
 
     async def stream(self, stream):
-        """Every REPLICA_INTERVAL_S, send the peer what it lacks (an empty batch tells us
-        where it is); at once again while it is more than a batch behind."""
+        """Send the peer what it lacks (an empty batch tells us where it is): every
+        REPLICA_INTERVAL_S while there is something to send, at once again while it is more
+        than a batch behind; idle, a heartbeat every REPLICA_HEARTBEAT_S (a peer restarted
+        without its replica may not have written to us yet). Each wakeup of an idle
+        instance costs a fraction of a millisecond of CPU here: idle, it sleeps long."""
+        loop = asyncio.get_running_loop()
         while True:
+            busy = bool(stream.ids)
             try:
                 await self.share_ids(stream)
-                if await self.exchange(stream):
+                lacks = self.lacks(stream)
+                busy = busy or lacks
+                if (lacks or time.monotonic() - stream.sent_at >= REPLICA_HEARTBEAT_S) and await self.exchange(stream):
                     continue
             except Exception as error:  # a bug must not end replication for good
                 log(f"replication to {stream.peer.name} failed unexpectedly: {error!r}")
-            await asyncio.sleep(REPLICA_INTERVAL_S)
+            stream.wake = loop.create_future()
+            timer = loop.call_later(REPLICA_INTERVAL_S if busy else REPLICA_HEARTBEAT_S, self.nudge, stream)
+            await stream.wake
+            timer.cancel()
+
+    def nudge(self, stream):
+        if stream.wake is not None and not stream.wake.done():
+            stream.wake.set_result(None)
+
+    def lacks(self, stream):
+        """Whether the peer may lack entries of our log, as far as we know."""
+        ledger = self.ledger
+        return stream.held is None or stream.epoch != ledger.epoch or stream.held < len(ledger.log) // 3
 
     async def exchange(self, stream):
         """One batch to the peer; True if the peer answered, moved on and still lacks some."""
+        stream.sent_at = time.monotonic()
         ledger = self.ledger
         epoch, log_ = ledger.epoch, ledger.log
         total = len(log_) // 3
         known = stream.held is not None and stream.epoch == epoch
         offset = min(stream.held, total) if known else total  # unknown: ask where it is
         end = min(total, offset + self.batch)
-        body = b"%s %d %d %d\n%s" % (ORIGIN, epoch, offset, total, log_[3 * offset:3 * end].tobytes())
+        replica = self.replicas.get(stream.name)
+        mine = replica.count() if replica is not None and replica.epoch == epoch else -1
+        body = b"%s %d %d %d %d\n%s" % (ORIGIN, epoch, offset, total, mine, log_[3 * offset:3 * end].tobytes())
         try:
             status, answer = await stream.peer.request(b"POST", REPLICA_PATH, body, b"", PEER_TIMEOUT_S)
             if status != 200:
@@ -1529,10 +1569,10 @@ class Replication:
         """Apply one batch from a peer; the answer's body. InvalidBatch if malformed."""
         head, newline, payload = body.partition(b"\n")
         try:
-            origin, epoch, offset, total = head.split()
-            epoch, offset, total = int(epoch), int(offset), int(total)
+            origin, epoch, offset, total, mine = head.split()
+            epoch, offset, total, mine = int(epoch), int(offset), int(total), int(mine)
         except ValueError:
-            raise InvalidBatch("expected 'origin epoch offset total' and a newline") from None
+            raise InvalidBatch("expected 'origin epoch offset total mine' and a newline") from None
         entries = array.array("q")
         if not newline or len(payload) % REPLICA_ENTRY_BYTES:
             raise InvalidBatch("entries must be whole int64 triples")
@@ -1555,6 +1595,11 @@ class Replication:
                     replica.record(entries[i], entries[i + 1], entries[i + 2])
             if replica.count() >= total:
                 self.complete.add(origin)
+        for stream in self.streams:  # the sender lacks part of our log (restarted): send now
+            if (stream.name in (origin, None) and epoch == self.ledger.epoch
+                    and (stream.held is None or mine < stream.held)):
+                stream.held = None
+                self.nudge(stream)
         return b"%s %d %d" % (ORIGIN, replica.epoch, replica.count())
 
     def purge(self, epoch):
@@ -1564,6 +1609,7 @@ class Replication:
             replica.clear(epoch)
         for stream in self.streams:
             stream.held = None
+            self.nudge(stream)
 
     def ready(self):
         """Whether this instance holds the whole log of every peer that answers (or has

@@ -1100,9 +1100,9 @@ def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_
 def test_the_in_flight_limit_follows_latency_between_its_bounds_and_halves_on_429():
     lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9")
     assert lane.limit == rinha.IN_FLIGHT_MIN
-    for _ in range(50):
-        lane.answered(0.001)  # a millisecond: a few in flight carry FORWARD_RATE
-    assert lane.limit == max(rinha.IN_FLIGHT_MIN, math.ceil(rinha.FORWARD_RATE * lane.latency))
+    for _ in range(200):
+        lane.answered(0.001)  # a millisecond: a batch's worth in flight carries FORWARD_RATE
+    assert lane.limit == max(rinha.IN_FLIGHT_MIN, math.ceil(rinha.FORWARD_RATE * (lane.latency + rinha.FORWARD_BATCH_S)))
     for _ in range(1000):
         lane.answered(1.0)
     assert lane.limit == rinha.IN_FLIGHT_CAP
@@ -1663,6 +1663,8 @@ def test_the_summary_stays_exact_while_a_peer_is_killed_or_hung_and_catches_up_a
             assert_every_summary_exact([instances[0], instances[2]], default, fallback, 130)
         finally:
             instances[1].process.popen.send_signal(signal.SIGCONT)
+        # Hung longer than STALL_S, it refuses reads for a tick after it resumes (503).
+        assert wait_until(lambda: call(instances[1].port, "GET", "/payments-summary")[0] == 200)
         assert wait_until(lambda: instances[1].summary()["default"]["totalRequests"] == 130)
         assert_every_summary_exact(instances, default, fallback, 130)
     finally:
@@ -1735,7 +1737,7 @@ def test_remembered_ids_survive_restarts_and_compactions_of_both_instances(fresh
         cid = str(uuid.uuid4())
         assert instances[0].pay(cid)[0] == 202
         assert wait_until(lambda: drained(instances[0]))
-        time.sleep(0.3)  # the id reaches the peer within REPLICA_INTERVAL_S
+        time.sleep(rinha.REPLICA_INTERVAL_S + 0.3)  # the id reaches the peer within REPLICA_INTERVAL_S
         for _ in range(2):  # each start replays the journal, then compacts it
             for instance in instances:
                 instance.process.stop(signal.SIGKILL)
@@ -1777,6 +1779,9 @@ def test_a_retry_through_haproxy_on_either_instance_is_not_forwarded_again(fresh
         default.configure(failure=False)
         assert [cid for cid in retried if fallback.stored(cid)] == []
         assert all(default.stored(cid) for cid in retried)
+        # The peer's confirmations reach this instance's summary within REPLICA_INTERVAL_S.
+        assert wait_until(lambda: instances[0].summary()["fallback"]["totalRequests"]
+                          == fallback.summary()["totalRequests"])
         assert_ledger_matches(instances[0], default, fallback)
     finally:
         if balancer is not None:
@@ -1883,8 +1888,8 @@ def test_a_hung_instance_is_taken_out_by_the_balancer_and_payments_keep_their_an
         assert_ledger_matches(instance, default, fallback)
 
 
-def replica_batch(origin, epoch, offset, total, entries):
-    head = b"%s %d %d %d\n" % (origin, epoch, offset, total)
+def replica_batch(origin, epoch, offset, total, entries, mine=0):
+    head = b"%s %d %d %d %d\n" % (origin, epoch, offset, total, mine)
     return head + array.array("q", [number for entry in entries for number in entry]).tobytes()
 
 
@@ -1914,7 +1919,8 @@ def test_replica_batches_apply_each_entry_once_whatever_is_resent_lost_or_out_of
         assert send(4, 0, 10, log) == (200, [b"5", b"1"])  # an older epoch is ignored
         assert seen() == [0, 1]
         assert send(0, 0, 1, log[:1], origin=b"receiver")[0] == 400  # our own name
-        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 1\n" + b"x" * 23)[0] == 400
+        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 1 0\n" + b"x" * 23)[0] == 400
+        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 0\n")[0] == 400  # no `mine`
         assert send(5, 0, 1, [(2, 1, 1)])[0] == 400  # no third processor
         assert seen() == [0, 1]
     finally:
@@ -1968,6 +1974,31 @@ class DroppingProxy:
 
     def stop(self):
         self.server.close()
+
+
+def test_an_idle_instance_only_sends_its_peer_a_heartbeat_and_a_restarted_peer_still_gets_the_log(
+        fresh, tmp_path):
+    default, fallback = fresh
+    receiver_port = free_port()
+    proxy = DroppingProxy(receiver_port, every=0)
+    sender = Instance(tmp_path, "sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}")
+    receiver = Instance(tmp_path, "receiver", default, fallback, port=receiver_port,
+                        PEERS=f"http://127.0.0.1:{sender.port}")
+    try:
+        assert len(pay_many(sender, 5, threads=1)) == 5
+        assert wait_until(lambda: drained(sender))
+        assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == 5)
+        before = proxy.forwarded
+        time.sleep(2.0)
+        # Nothing new: one exchange per REPLICA_HEARTBEAT_S, not one per REPLICA_INTERVAL_S.
+        assert proxy.forwarded - before <= 2.0 / rinha.REPLICA_HEARTBEAT_S + 1
+        receiver.process.stop(signal.SIGKILL)  # its replica was in memory only
+        receiver.start()
+        assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == 5, timeout=5)
+    finally:
+        proxy.stop()
+        sender.process.stop()
+        receiver.process.stop()
 
 
 def test_lost_batch_answers_and_a_receiver_restarted_mid_stream_never_count_twice(fresh, tmp_path):

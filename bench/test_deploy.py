@@ -545,8 +545,8 @@ def test_arena_restarts_killed_instance(haproxy_arena):
     assert a.stats()["processes"]["api1"]["restarts"] == 1
     for _ in range(4):  # both instances answer through the LB again
         cid = str(uuid.uuid4())
-        status, _ = arena.http_request(a.url, "POST", "/payments", body={"correlationId": cid, "amount": 1.0}, timeout=5)
-        assert 200 <= status < 300
+        status, body = arena.http_request(a.url, "POST", "/payments", body={"correlationId": cid, "amount": 1.0}, timeout=5)
+        assert 200 <= status < 300, (status, body)
         _summary(a)
 
 
