@@ -1083,7 +1083,7 @@ class Pipeline:
         self.accepted = self.duplicates = self.rejected = 0
         self.running = True
         self.pump_due = False
-        self.pumped_at = -FORWARD_BATCH_S  # time.monotonic() of the latest pump
+        self.pumped_at = -FORWARD_BATCH_S  # time.monotonic() of the latest pump that sent
         self.wake = None  # timer for the next moment a held payment may move
         self.wake_at = 0.0
         now = time.monotonic()
@@ -1126,7 +1126,7 @@ class Pipeline:
 
     # -- routing -----------------------------------------------------------
     def pump_soon(self):
-        """Pump at once, or FORWARD_BATCH_S after the latest pump if that is later. Under
+        """Pump at once, or FORWARD_BATCH_S after the latest pump that sent if later. Under
         load, payments then go out together and their answers come back together: a wakeup
         of this process costs more than the work of a payment, and this halves the wakeups
         an answer costs. Idle, the first payment goes at once."""
@@ -1144,8 +1144,9 @@ class Pipeline:
         self.pump_due = False
         if not self.running:
             return
-        now = self.pumped_at = time.monotonic()
+        now = time.monotonic()
         backlog = self.backlog
+        in_flight = self.in_flight()
         for lane in self.lanes:
             waiting = backlog.pinned[lane.index]
             while waiting and lane.in_flight < lane.limit and lane.breaker.allows(now):
@@ -1156,6 +1157,8 @@ class Pipeline:
             if lane is None:
                 break
             self.start(ready.popleft(), lane, QUEUED)
+        if self.in_flight() > in_flight:  # pacing counts the pumps that sent something
+            self.pumped_at = now
         self.arm_wake(now)
 
     def route(self, now):

@@ -1097,6 +1097,24 @@ def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_
     assert pipeline.route(now) is None  # both down: hold
 
 
+def test_idle_the_first_payment_goes_at_once_and_later_ones_wait_for_the_next_batch(fresh, tmp_path):
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback, FORWARD_BATCH_S=1.0)
+    try:
+        started = time.monotonic()
+        assert instance.pay(str(uuid.uuid4()))[0] == 202
+        assert wait_until(lambda: default.summary()["totalRequests"] == 1, timeout=0.5)
+        assert time.monotonic() - started < 0.5  # idle: no wait for a batch
+        for _ in range(3):  # the pump ran a moment ago: these wait for the next one
+            assert instance.pay(str(uuid.uuid4()))[0] == 202
+        time.sleep(0.3)
+        assert default.summary()["totalRequests"] == 1
+        assert wait_until(lambda: default.summary()["totalRequests"] == 4, timeout=3)
+        assert_ledger_matches(instance, default, fallback)
+    finally:
+        instance.process.stop()
+
+
 def test_the_in_flight_limit_follows_latency_between_its_bounds_and_halves_on_429():
     lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9")
     assert lane.limit == rinha.IN_FLIGHT_MIN
