@@ -1395,7 +1395,8 @@ class Pipeline:
 # from held (a sender that does not know it yet sends an empty batch at the end of its log
 # to ask), so after a restart of either side each learns where the other is. An exchange
 # goes out every REPLICA_INTERVAL_S while there is something to send, else every
-# REPLICA_HEARTBEAT_S; a receiver told by `mine` that the sender lacks part of its own log
+# REPLICA_HEARTBEAT_S (the tick wakes an idle stream as soon as there is something new);
+# a receiver told by `mine` that the sender lacks part of its own log
 # sends at once (a restarted peer is refilled without waiting for a heartbeat). Indexes are
 # valid across restarts because the log's order is: a replay rebuilds it entry by entry
 # (C and L records in the journal's order). A log shorter than what a receiver holds (its
@@ -1422,7 +1423,7 @@ class InvalidBatch(HttpError):
 class PeerStream:
     """This instance's log as sent to one peer: how much of it the peer holds; and the ids
     accepted here that the peer has not been told yet."""
-    __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by", "ids", "sent_at", "wake")
+    __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by", "ids", "sent_at", "wake", "idle")
 
     def __init__(self, peer):
         self.peer = peer
@@ -1434,6 +1435,7 @@ class PeerStream:
         self.ignored_by = None  # the newer epoch the peer is at, once logged
         self.sent_at = -REPLICA_HEARTBEAT_S  # time.monotonic() of the latest exchange
         self.wake = None  # the future the stream sleeps on between exchanges
+        self.idle = False  # whether that sleep is the long one (nothing was left to send)
 
 
 class Replication:
@@ -1472,7 +1474,7 @@ class Replication:
                     continue
             except Exception as error:  # a bug must not end replication for good
                 log(f"replication to {stream.peer.name} failed unexpectedly: {error!r}")
-            stream.wake = loop.create_future()
+            stream.wake, stream.idle = loop.create_future(), not busy
             timer = loop.call_later(REPLICA_INTERVAL_S if busy else REPLICA_HEARTBEAT_S, self.nudge, stream)
             await stream.wake
             timer.cancel()
@@ -1480,6 +1482,13 @@ class Replication:
     def nudge(self, stream):
         if stream.wake is not None and not stream.wake.done():
             stream.wake.set_result(None)
+
+    def nudge_idle(self):
+        """Each tick: a stream in its long idle sleep that has something new to send sends
+        it now, so a confirmation waits TICK_S at most after an idle spell, not a heartbeat."""
+        for stream in self.streams:
+            if stream.idle and (stream.ids or self.lacks(stream)):
+                self.nudge(stream)
 
     def lacks(self, stream):
         """Whether the peer may lack entries of our log, as far as we know."""
@@ -1691,6 +1700,7 @@ class Server:
         self.last_tick = time.monotonic()
         if late > STALL_S:
             self.resumed_at = self.last_tick
+        self.replication.nudge_idle()
         self.ticks += 1
         if self.ticks * TICK_S >= 1.0:
             self.ticks = 0

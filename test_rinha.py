@@ -1994,14 +1994,16 @@ class DroppingProxy:
         self.server.close()
 
 
-def test_an_idle_instance_only_sends_its_peer_a_heartbeat_and_a_restarted_peer_still_gets_the_log(
+def test_an_idle_instance_only_sends_its_peer_a_heartbeat_yet_new_confirmations_and_a_restarted_peer_wait_for_none(
         fresh, tmp_path):
     default, fallback = fresh
     receiver_port = free_port()
     proxy = DroppingProxy(receiver_port, every=0)
-    sender = Instance(tmp_path, "sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}")
+    heartbeat = 4.0  # longer than any wait below: nothing here may wait for a heartbeat
+    sender = Instance(tmp_path, "sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}",
+                      REPLICA_HEARTBEAT_S=heartbeat)
     receiver = Instance(tmp_path, "receiver", default, fallback, port=receiver_port,
-                        PEERS=f"http://127.0.0.1:{sender.port}")
+                        PEERS=f"http://127.0.0.1:{sender.port}", REPLICA_HEARTBEAT_S=heartbeat)
     try:
         assert len(pay_many(sender, 5, threads=1)) == 5
         assert wait_until(lambda: drained(sender))
@@ -2009,10 +2011,12 @@ def test_an_idle_instance_only_sends_its_peer_a_heartbeat_and_a_restarted_peer_s
         before = proxy.forwarded
         time.sleep(2.0)
         # Nothing new: one exchange per REPLICA_HEARTBEAT_S, not one per REPLICA_INTERVAL_S.
-        assert proxy.forwarded - before <= 2.0 / rinha.REPLICA_HEARTBEAT_S + 1
+        assert proxy.forwarded - before <= 1
+        assert len(pay_many(sender, 1, threads=1)) == 1  # idle, then a confirmation: sent at a tick
+        assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == 6, timeout=1.0)
         receiver.process.stop(signal.SIGKILL)  # its replica was in memory only
-        receiver.start()
-        assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == 5, timeout=5)
+        receiver.start()  # its first batch says it holds none of ours: we send at once
+        assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == 6, timeout=2.0)
     finally:
         proxy.stop()
         sender.process.stop()
