@@ -788,7 +788,9 @@ def test_the_journal_is_compacted_while_running_and_a_kill_during_it_loses_and_d
         assert_ledger_matches(instance, default, fallback)
         before, after = map(int, re.findall(r"compacted while running: (\d+) -> (\d+) bytes",
                                             instance.process.output())[-1])
-        assert after < 70 * (len(accepted) + 4000) and after < before * 0.7  # ~63 bytes a payment
+        # ~63 bytes a payment kept. How much it shrinks depends on how many payments were still
+        # under way when it ran (their A and S records stay): a share of `before` is no bound.
+        assert after < 70 * (len(accepted) + 4000) and after < before
     finally:
         instance.process.stop()
 
