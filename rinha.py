@@ -1082,7 +1082,8 @@ class Pipeline:
         self.outboxes = []  # per peer: ids accepted here, to tell it (see Replication)
         self.accepted = self.duplicates = self.rejected = 0
         self.running = True
-        self.pump_due = False
+        self.pump_due = False  # a pump is scheduled to run at once
+        self.pump_timer = None  # or a pump is scheduled for later (see pump_soon)
         self.pumped_at = -FORWARD_BATCH_S  # time.monotonic() of the latest pump that sent
         self.wake = None  # timer for the next moment a held payment may move
         self.wake_at = 0.0
@@ -1122,26 +1123,35 @@ class Pipeline:
         backlog.ready.append((seq, cid, cents, accepted))
         backlog.unsettled += 1
         self.accepted += 1
-        self.pump_soon()
+        self.pump_soon(FORWARD_BATCH_S)
 
     # -- routing -----------------------------------------------------------
-    def pump_soon(self):
-        """Pump at once, or FORWARD_BATCH_S after the latest pump that sent if later. Under
-        load, payments then go out together and their answers come back together: a wakeup
-        of this process costs more than the work of a payment, and this halves the wakeups
-        an answer costs. Idle, the first payment goes at once."""
-        if not self.pump_due:
+    def pump_soon(self, slack=0.0):
+        """Pump at once if FORWARD_BATCH_S has passed since the latest pump that sent, else
+        when it has: payments then go out together and their answers come back together, as
+        a wakeup of this process costs more than the work of a payment. A new payment's pump
+        may wait `slack` longer (accept() gives FORWARD_BATCH_S): under load a request comes
+        first, and the pump runs in its wakeup instead of a timer's. Idle, the first payment
+        goes at once."""
+        if self.pump_due:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self.pumped_at + FORWARD_BATCH_S - time.monotonic()
+        if wait <= 0:
             self.pump_due = True
-            wait = self.pumped_at + FORWARD_BATCH_S - time.monotonic()
-            if wait > 0:
-                asyncio.get_running_loop().call_later(wait, self.pump)
-            else:
-                asyncio.get_running_loop().call_soon(self.pump)
+            loop.call_soon(self.pump)
+        elif self.pump_timer is None or self.pump_timer.when() > loop.time() + wait + slack:
+            if self.pump_timer is not None:
+                self.pump_timer.cancel()
+            self.pump_timer = loop.call_later(wait + slack, self.pump)
 
     def pump(self):
         """Start every attempt that may start now: pinned payments on their own processor
         (each lane apart, so none waits on another), then the rest wherever route() says."""
         self.pump_due = False
+        if self.pump_timer is not None:
+            self.pump_timer.cancel()
+            self.pump_timer = None
         if not self.running:
             return
         now = time.monotonic()
@@ -1292,7 +1302,8 @@ class Pipeline:
                 else:
                     self.duplicates += 1
                 self.journal_quietly(b"X %d\n" % seq)
-        self.pump_soon()
+        if backlog.ready or backlog.pinned[DEFAULT] or backlog.pinned[FALLBACK]:
+            self.pump_soon()  # a slot is free and something waits for one
 
     def pending(self):
         """Every unsettled payment as replay would rebuild it, in order of acceptance;
@@ -1385,8 +1396,10 @@ class Pipeline:
 # Each instance streams its confirmation log (Ledger.log) to every peer and keeps a replica
 # of each peer's, so any instance answers the whole backend's summary alone and at once,
 # whether its peers are up, restarting or hung. One exchange, POST /internal/replica:
-#   request  "origin epoch offset total mine\n", then entries offset, offset+1, ... of
-#            origin's log as packed native int64 triples (processor, requestedAt ms, cents);
+#   request  "origin epoch offset total mine ids\n", then entries offset, offset+1, ... of
+#            origin's log as packed native int64 triples (processor, requestedAt ms, cents),
+#            then `ids` correlationIds (36 bytes each) origin accepted since the last
+#            exchange (the receiver remembers them: a client's retry is not forwarded twice);
 #            total: the length of origin's log when sent; mine: how many entries of the
 #            receiver's log origin holds (-1: no replica of it yet, as after a restart)
 #   answer   "receiver epoch held": how many entries of origin's log the receiver holds
@@ -1410,7 +1423,6 @@ class Pipeline:
 # ---------------------------------------------------------------------------
 
 REPLICA_PATH = b"/internal/replica"
-IDS_PATH = b"/internal/ids"
 REPLICA_ENTRY_BYTES = 24  # three int64
 ORIGIN = INSTANCE_ID.encode()
 
@@ -1458,19 +1470,16 @@ class Replication:
         self.tasks = [asyncio.ensure_future(self.stream(stream)) for stream in self.streams]
 
     async def stream(self, stream):
-        """Send the peer what it lacks (an empty batch tells us where it is): every
-        REPLICA_INTERVAL_S while there is something to send, at once again while it is more
-        than a batch behind; idle, a heartbeat every REPLICA_HEARTBEAT_S (a peer restarted
+        """Send the peer what it lacks and the ids accepted here (an empty batch tells us
+        where it is): every REPLICA_INTERVAL_S while there is something to send, at once
+        again while more than a batch is left; idle, a heartbeat every REPLICA_HEARTBEAT_S (a peer restarted
         without its replica may not have written to us yet). Each wakeup of an idle
         instance costs a fraction of a millisecond of CPU here: idle, it sleeps long."""
         loop = asyncio.get_running_loop()
         while True:
-            busy = bool(stream.ids)
+            busy = bool(stream.ids) or self.lacks(stream)
             try:
-                await self.share_ids(stream)
-                lacks = self.lacks(stream)
-                busy = busy or lacks
-                if (lacks or time.monotonic() - stream.sent_at >= REPLICA_HEARTBEAT_S) and await self.exchange(stream):
+                if (busy or time.monotonic() - stream.sent_at >= REPLICA_HEARTBEAT_S) and await self.exchange(stream):
                     continue
             except Exception as error:  # a bug must not end replication for good
                 log(f"replication to {stream.peer.name} failed unexpectedly: {error!r}")
@@ -1496,17 +1505,23 @@ class Replication:
         return stream.held is None or stream.epoch != ledger.epoch or stream.held < len(ledger.log) // 3
 
     async def exchange(self, stream):
-        """One batch to the peer; True if the peer answered, moved on and still lacks some."""
+        """One batch to the peer; True if the peer answered and there is more to send at
+        once: ids that did not fit, or entries it still lacks after moving on."""
         stream.sent_at = time.monotonic()
         ledger = self.ledger
         epoch, log_ = ledger.epoch, ledger.log
         total = len(log_) // 3
         known = stream.held is not None and stream.epoch == epoch
         offset = min(stream.held, total) if known else total  # unknown: ask where it is
-        end = min(total, offset + self.batch)
+        ids = stream.ids
+        if len(ids) > 36 * REMEMBERED_IDS:  # a peer away for long: only the latest matter
+            del ids[:len(ids) - 36 * REMEMBERED_IDS]
+        sent_ids = min(len(ids), (MAX_BODY_BYTES - 256) // 2 // 36 * 36)  # ids: half the room
+        end = min(total, offset + min(self.batch, (MAX_BODY_BYTES - 256 - sent_ids) // REPLICA_ENTRY_BYTES))
         replica = self.replicas.get(stream.name)
         mine = replica.count() if replica is not None and replica.epoch == epoch else -1
-        body = b"%s %d %d %d %d\n%s" % (ORIGIN, epoch, offset, total, mine, log_[3 * offset:3 * end].tobytes())
+        body = b"%s %d %d %d %d %d\n%s%s" % (ORIGIN, epoch, offset, total, mine, sent_ids // 36,
+                                               log_[3 * offset:3 * end].tobytes(), ids[:sent_ids])
         try:
             status, answer = await stream.peer.request(b"POST", REPLICA_PATH, body, b"", PEER_TIMEOUT_S)
             if status != 200:
@@ -1521,6 +1536,7 @@ class Replication:
         if stream.answered is False:
             log(f"replication to {stream.peer.name} resumed at {held} of {total}")
         stream.answered, stream.name = True, name
+        del ids[:sent_ids]
         if their_epoch != epoch or ledger.epoch != epoch:  # a purge here or there meanwhile
             stream.held = None
             if their_epoch > ledger.epoch and stream.ignored_by != their_epoch:
@@ -1530,34 +1546,7 @@ class Replication:
             return False
         moved = not known or held > offset
         stream.epoch, stream.held = epoch, held
-        return moved and held < len(ledger.log) // 3
-
-    async def share_ids(self, stream):
-        """Tell the peer the ids accepted here since last time (best effort: a client's retry
-        that reaches it later is then answered without being forwarded a second time)."""
-        ids = stream.ids
-        if len(ids) > 36 * REMEMBERED_IDS:
-            del ids[:len(ids) - 36 * REMEMBERED_IDS]
-        sent = min(len(ids), (MAX_BODY_BYTES - 256) // 36 * 36)
-        if not sent:
-            return
-        try:
-            status, _ = await stream.peer.request(b"POST", IDS_PATH, bytes(ids[:sent]), b"", PEER_TIMEOUT_S)
-        except UpstreamError:
-            return  # kept for the next time
-        if status == 202:
-            del ids[:sent]
-
-    def receive_ids(self, body):
-        ids = [body[at:at + 36] for at in range(0, len(body), 36)]
-        if len(body) % 36 or not all(UUID_BYTES.fullmatch(cid) for cid in ids):
-            raise InvalidBatch("expected 36-byte correlationIds")
-        for cid in ids:
-            self.recent.add(cid)
-        try:
-            self.journal.append(b"".join(b"I %s\n" % cid for cid in ids))
-        except OSError as error:  # remembered until a restart, then not: best effort
-            log(f"journal write failed: {error}")
+        return bool(ids) or (moved and held < len(ledger.log) // 3)
 
     async def stop(self):
         """Stop streaming, then send each answering peer what it still lacks (bounded by
@@ -1581,18 +1570,29 @@ class Replication:
         """Apply one batch from a peer; the answer's body. InvalidBatch if malformed."""
         head, newline, payload = body.partition(b"\n")
         try:
-            origin, epoch, offset, total, mine = head.split()
-            epoch, offset, total, mine = int(epoch), int(offset), int(total), int(mine)
+            origin, epoch, offset, total, mine, count = head.split()
+            epoch, offset, total, mine, count = int(epoch), int(offset), int(total), int(mine), int(count)
         except ValueError:
-            raise InvalidBatch("expected 'origin epoch offset total mine' and a newline") from None
+            raise InvalidBatch("expected 'origin epoch offset total mine ids' and a newline") from None
+        at = len(payload) - 36 * count
+        if not newline or count < 0 or at < 0 or at % REPLICA_ENTRY_BYTES:
+            raise InvalidBatch("entries must be whole int64 triples, then the ids")
+        ids = [payload[i:i + 36] for i in range(at, len(payload), 36)]
+        if not all(UUID_BYTES.fullmatch(cid) for cid in ids):
+            raise InvalidBatch("ids must be 36-byte correlationIds")
         entries = array.array("q")
-        if not newline or len(payload) % REPLICA_ENTRY_BYTES:
-            raise InvalidBatch("entries must be whole int64 triples")
-        entries.frombytes(payload)
+        entries.frombytes(payload[:at])
         if origin == ORIGIN:
             raise InvalidBatch("a peer has this instance's INSTANCE_ID")
         if offset < 0 or offset + len(entries) // 3 > total or not all(p in (0, 1) for p in entries[::3]):
             raise InvalidBatch("entries out of range")
+        if ids:  # accepted by the peer: a client's retry that reaches us is not forwarded again
+            for cid in ids:
+                self.recent.add(cid)
+            try:
+                self.journal.append(b"".join(b"I %s\n" % cid for cid in ids))
+            except OSError as error:  # remembered until a restart, then not: best effort
+                log(f"journal write failed: {error}")
         replica = self.replicas.get(origin)
         if replica is None:
             replica = self.replicas[origin] = Ledger(keep_log=False)
@@ -1644,12 +1644,6 @@ def post_replica(connection, request, body, keep):
     """POST /internal/replica: a batch of a peer's log (see the protocol above)."""
     answer = connection.server.replication.receive(body)
     return connection.answer(response(b"200 OK", answer, b"text/plain", close=not keep), keep)
-
-
-def post_ids(connection, request, body, keep):
-    """POST /internal/ids: correlationIds a peer accepted (36 bytes each, concatenated)."""
-    connection.server.replication.receive_ids(body)
-    return connection.answer(ACCEPTED[not keep], keep)
 
 
 def get_ready(connection, request, body, keep):
@@ -2043,7 +2037,6 @@ ROUTES = {  # path -> (the one method it answers, handler)
     b"/internal/purge": (b"POST", HttpConnection.post_local_purge),  # asked by peers
     REPLICA_PATH: (b"POST", post_replica),  # sent by peers
     b"/internal/ready": (b"GET", get_ready),  # the load balancer's check
-    b"/internal/ids": (b"POST", post_ids),  # asked by peers
 }
 
 

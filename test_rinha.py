@@ -1117,6 +1117,25 @@ def test_idle_the_first_payment_goes_at_once_and_later_ones_wait_for_the_next_ba
         instance.process.stop()
 
 
+def test_waiting_payments_go_with_the_first_request_after_the_batch_wait_not_on_a_timer_of_their_own(fresh, tmp_path):
+    default, fallback = fresh
+    instance = Instance(tmp_path, "api1", default, fallback, FORWARD_BATCH_S=1.0)
+    try:
+        assert instance.pay(str(uuid.uuid4()))[0] == 202
+        assert wait_until(lambda: default.summary()["totalRequests"] == 1, timeout=0.5)
+        started = time.monotonic()
+        for _ in range(3):
+            assert instance.pay(str(uuid.uuid4()))[0] == 202
+        time.sleep(1.2 - (time.monotonic() - started))  # the batch wait has passed, no request since
+        assert default.summary()["totalRequests"] == 1  # no wakeup was spent on them alone
+        assert instance.pay(str(uuid.uuid4()))[0] == 202  # this request's wakeup sends all four
+        assert wait_until(lambda: default.summary()["totalRequests"] == 5, timeout=0.4)
+        assert time.monotonic() - started < 1.8  # before the timer (FORWARD_BATCH_S more) would
+        assert_ledger_matches(instance, default, fallback)
+    finally:
+        instance.process.stop()
+
+
 def test_the_in_flight_limit_follows_latency_between_its_bounds_and_halves_on_429():
     lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9")
     assert lane.limit == rinha.IN_FLIGHT_MIN
@@ -1908,9 +1927,9 @@ def test_a_hung_instance_is_taken_out_by_the_balancer_and_payments_keep_their_an
         assert_ledger_matches(instance, default, fallback)
 
 
-def replica_batch(origin, epoch, offset, total, entries, mine=0):
-    head = b"%s %d %d %d %d\n" % (origin, epoch, offset, total, mine)
-    return head + array.array("q", [number for entry in entries for number in entry]).tobytes()
+def replica_batch(origin, epoch, offset, total, entries, mine=0, ids=()):
+    head = b"%s %d %d %d %d %d\n" % (origin, epoch, offset, total, mine, len(ids))
+    return head + array.array("q", [number for entry in entries for number in entry]).tobytes() + b"".join(ids)
 
 
 def test_replica_batches_apply_each_entry_once_whatever_is_resent_lost_or_out_of_epoch(processors, tmp_path):
@@ -1939,10 +1958,17 @@ def test_replica_batches_apply_each_entry_once_whatever_is_resent_lost_or_out_of
         assert send(4, 0, 10, log) == (200, [b"5", b"1"])  # an older epoch is ignored
         assert seen() == [0, 1]
         assert send(0, 0, 1, log[:1], origin=b"receiver")[0] == 400  # our own name
-        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 1 0\n" + b"x" * 23)[0] == 400
-        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 0\n")[0] == 400  # no `mine`
+        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 1 0 0\n" + b"x" * 23)[0] == 400
+        assert call(instance.port, "POST", "/internal/replica", b"peer 0 0 0 0\n")[0] == 400  # no `ids`
         assert send(5, 0, 1, [(2, 1, 1)])[0] == 400  # no third processor
         assert seen() == [0, 1]
+        # The ids the peer accepted ride along: whole 36-byte UUIDs after the entries.
+        cid = str(uuid.uuid4()).encode()
+        bad = replica_batch(b"peer", 5, 1, 1, [], ids=[cid[:35] + b"!"])
+        assert call(instance.port, "POST", "/internal/replica", bad)[0] == 400
+        assert call(instance.port, "POST", "/internal/replica", replica_batch(b"peer", 5, 1, 1, [], ids=[cid]))[0] == 200
+        assert instance.pay(cid.decode())[0] == 202  # a retry of the peer's payment: not ours to send
+        assert instance.health()["duplicates"] == 1 and instance.health()["accepted"] == 0
     finally:
         instance.process.stop()
 

@@ -553,7 +553,7 @@ class Arena:
 
     Arena(lb_port=9999, default_port=8001, fallback_port=8002, run_dir=None,
           lb=None, limits=True, env=None, start_timeout=60.0, output=None,
-          processor_args=())
+          processor_args=(), instance_script=RINHA)
 
     - a port of 0 picks a free one (read it back from .lb_port etc.);
     - run_dir: sockets, journals, rendered configs (default <repo>/run);
@@ -565,6 +565,8 @@ class Arena:
       PROCESSOR_TOKEN, tuning knobs for the instances);
     - output: callable(str) for the prefixed log lines (default: stdout), or
       False to keep them only in memory (.tail(name)).
+    - instance_script: what runs as api1 and api2 (bench/floor.py puts
+      bench/null_instance.py there to measure the stack with instances that do nothing).
     """
 
     def __init__(
@@ -579,6 +581,7 @@ class Arena:
         start_timeout=60.0,
         output=None,
         processor_args=(),
+        instance_script=RINHA,
     ):
         self.base_env = dict(os.environ)
         self.base_env.update({k: str(v) for k, v in (env or {}).items()})
@@ -600,6 +603,7 @@ class Arena:
         self.limits = limits
         self.start_timeout = float(start_timeout)
         self.processor_args = [str(a) for a in processor_args]
+        self.instance_script = Path(instance_script)
         self._output = output
         self._out_lock = threading.Lock()
         self.token = self.base_env.get("PROCESSOR_TOKEN") or "123"
@@ -714,8 +718,8 @@ class Arena:
         self.stop()
 
     def _start(self):
-        if not RINHA.exists():
-            raise ArenaError(f"{RINHA} does not exist")
+        if not self.instance_script.exists():
+            raise ArenaError(f"{self.instance_script} does not exist")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         longest = max(len(str(self.socket_path(n))) for n in INSTANCES)
         if longest > 100:
@@ -751,7 +755,7 @@ class Arena:
             env = dict(self.base_env)
             env.update(self.instance_env(name))
             sock = self.socket_path(name)
-            child = self._add(name, [py, RINHA], env, "instance", service=name, before_start=lambda s=sock: _unlink(s))
+            child = self._add(name, [py, self.instance_script], env, "instance", service=name, before_start=lambda s=sock: _unlink(s))
             child.start()
         for name in INSTANCES:
             self._wait_instance(name)

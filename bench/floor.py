@@ -1,17 +1,25 @@
 #!/usr/bin/env python3
-"""The contest's k6 script against the floor: `python bench/floor.py`.
+"""The contest's k6 script against a floor, or against rinha measured the same way: `python bench/floor.py`.
 
-The floor is haproxy alone answering every request with a fixed 202 (bench/capacity.py's
-FloorServer: haproxy.cfg's global and defaults sections, limited like the stack), so the run
-measures what k6, haproxy and this machine cost with nothing behind the load balancer. The
-processors' emulators run only so that the script's admin calls are answered. Prints the p99
-of the run as the contest computes it and the floor's CPU per request; run it alternated with
-`python bench/bench.py --skip-micro --no-record` to compare rinha with the floor. Appends
-nothing to bench/RESULTS.md.
+--behind none (the default): haproxy alone answering every request with a fixed 202
+(bench/capacity.py's FloorServer: haproxy.cfg's global and defaults sections, limited like the
+stack): what k6, haproxy and this machine cost with nothing behind the load balancer.
+--behind null: the real stack's shape (bench/arena.py: haproxy.cfg, two instances on unix
+sockets, one cgroup with the contest's limits) with bench/null_instance.py as the instances,
+which answer at once and do nothing: what a Python instance costs before any of rinha's work.
+--behind rinha: the real stack, measured the same way.
+
+The processors' emulators run in every case (for the script's admin calls, and for rinha).
+Prints the p99 of the run as the contest computes it and the CPU of the limited cgroup per
+request over the load only (start-up excluded; for rinha, also the forwarding that follows:
+it waits until everything accepted is settled). Run the three alternated to compare them.
+Appends nothing to bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -21,15 +29,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from arena import PROCESSOR, free_port  # noqa: E402
+from arena import INSTANCES, PROCESSOR, Arena, free_port, http_request  # noqa: E402
 from capacity import FloorServer  # noqa: E402
-from load import run_load  # noqa: E402
+from load import arena_targets, run_load  # noqa: E402
+
+NULL_INSTANCE = BENCH / "null_instance.py"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-requests", type=int, default=550, help="VUs reached at the end of the ramp")
-    args = parser.parse_args(argv)
+def haproxy_alone(settings, out):
+    """(k6 result, CPU seconds of the load or None) for haproxy answering 202 by itself."""
     ports = {"0.05": free_port(), "0.15": free_port()}
     processors = [subprocess.Popen([sys.executable, str(PROCESSOR), "--port", str(port), "--fee", fee,
                                     "--token", "123"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -37,22 +45,66 @@ def main(argv=None):
     floor = FloorServer(log=lambda *_: None).start()
     try:
         time.sleep(1.0)
-        with tempfile.TemporaryDirectory(prefix="rinha-floor-load-") as out:
-            before = floor.cpu_s()
-            result = run_load({"BACKEND_URL": floor.url, "MAX_REQUESTS": args.max_requests,
-                               "DEFAULT_ADMIN_URL": f"http://127.0.0.1:{ports['0.05']}",
-                               "FALLBACK_ADMIN_URL": f"http://127.0.0.1:{ports['0.15']}"},
-                              out_dir=out, log_path=Path(out) / "k6.log", dashboard=False)
-            cpu = floor.cpu_s() - before if before is not None else None
+        before = floor.cpu_s()
+        result = run_load({**settings, "BACKEND_URL": floor.url,
+                           "DEFAULT_ADMIN_URL": f"http://127.0.0.1:{ports['0.05']}",
+                           "FALLBACK_ADMIN_URL": f"http://127.0.0.1:{ports['0.15']}"},
+                          out_dir=out, log_path=Path(out) / "k6.log", dashboard=False)
+        return result, (floor.cpu_s() - before if before is not None else None)
     finally:
         floor.stop()
         for process in processors:
             process.terminate()
             process.wait(10)
+
+
+def unsettled(arena):
+    """Payments accepted by rinha and not settled yet."""
+    total = 0
+    for name in INSTANCES:
+        health = json.loads(http_request(f"unix:{arena.socket_path(name)}", "GET", "/health")[1])
+        total += health["queue"] + health["in_flight"]
+    return total
+
+
+def arena_stack(settings, out, script):
+    """(k6 result, CPU seconds of the load or None) for the arena with `script` as its instances."""
+    purge_token = secrets.token_hex(8)
+    arena = Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=Path(out) / "run", output=False,
+                  env={"PURGE_TOKEN": purge_token}, instance_script=script)
+    with arena:
+        time.sleep(1.0)
+        before = arena.stats()["cpu_usage_s"]
+        result = run_load({**settings, **arena_targets(arena, purge_token)}, out_dir=out,
+                          log_path=Path(out) / "k6.log", dashboard=False)
+        deadline = time.monotonic() + 30
+        while script != NULL_INSTANCE and time.monotonic() < deadline and unsettled(arena):
+            time.sleep(0.05)
+        after = arena.stats()["cpu_usage_s"]
+        cpu = after - before if arena.limits_applied and before is not None and after is not None else None
+    return result, cpu
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--behind", choices=("none", "null", "rinha"), default="none",
+                        help="what haproxy has behind it (see above)")
+    parser.add_argument("--max-requests", type=int, default=550, help="VUs reached at the end of the ramp")
+    args = parser.parse_args(argv)
+    settings = {"MAX_REQUESTS": args.max_requests}
+    with tempfile.TemporaryDirectory(prefix="rinha-floor-load-") as out:
+        if args.behind == "none":
+            result, cpu = haproxy_alone(settings, out)
+        else:
+            result, cpu = arena_stack(settings, out, NULL_INSTANCE if args.behind == "null" else BENCH.parent / "rinha.py")
     requests = result["http_reqs"]
     per_request = f"{1000 * cpu / requests:.3f} ms" if cpu is not None else "unknown (no cgroup)"
-    print(f"floor: {args.max_requests} VUs, p99 {result['p99']:.2f} ms, {requests} requests, "
-          f"CPU {per_request} per request (limits: {floor.limits_reason})")
+    extra = (f", lag {result['lag']}, inconsistencies {result['inconsistencies']}, failed POSTs "
+             f"{result['failed_posts']}, fallback {result['fallback']['totalRequests']}, processors "
+             f"{result['default']['processorTotalRequests']} / {result['fallback']['processorTotalRequests']}"
+             if args.behind == "rinha" else "")
+    print(f"floor: behind {args.behind}, {args.max_requests} VUs, p99 {result['p99']:.2f} ms, {requests} requests, "
+          f"CPU {per_request} per request{extra}")
 
 
 if __name__ == "__main__":

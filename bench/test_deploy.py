@@ -560,6 +560,28 @@ def test_summary_through_both_instances_after_peer_restart(haproxy_arena):
         _summary(a)
 
 
+def test_the_null_instance_stands_in_for_rinha_behind_the_real_load_balancer(tmp_path):
+    # bench/floor.py --behind null: the stack's shape with instances that do nothing.
+    _need_arena_files()
+    a = arena.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path / "run",
+                    env={"DEFAULT_PROCESSOR_URL": "", "FALLBACK_PROCESSOR_URL": ""},
+                    instance_script=arena.REPO / "bench" / "null_instance.py", output=False)
+    a.start()
+    try:
+        assert all(a.children[name].argv[1].endswith("null_instance.py") for name in arena.INSTANCES)
+        for _ in range(4):  # both instances, round-robin, on kept-alive server connections
+            status, _ = arena.http_request(a.url, "POST", "/payments",
+                                           body={"correlationId": str(uuid.uuid4()), "amount": 19.9}, timeout=5)
+            assert status == 202
+        assert _summary(a) == {"default": {"totalRequests": 0, "totalAmount": 0},
+                               "fallback": {"totalRequests": 0, "totalAmount": 0}}
+        assert arena.http_request(a.url, "POST", "/purge-payments", timeout=5)[0] == 200
+        assert arena.http_request(a.url, "GET", "/internal/ready", timeout=5)[0] == 403  # haproxy's rule
+        assert arena.http_request(f"unix:{a.socket_path('api1')}", "GET", "/internal/ready", timeout=5)[0] == 200
+    finally:
+        a.stop()
+
+
 def test_arena_stats_and_cleanup(tmp_path):
     _need_arena_files()
     a = arena.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path / "run",
