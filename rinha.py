@@ -1084,6 +1084,7 @@ class Pipeline:
         self.running = True
         self.pump_due = False  # a pump is scheduled to run at once
         self.pump_timer = None  # or a pump is scheduled for later (see pump_soon)
+        self.pump_timer_at = 0.0  # time.monotonic() it is due at
         self.pumped_at = -FORWARD_BATCH_S  # time.monotonic() of the latest pump that sent
         self.wake = None  # timer for the next moment a held payment may move
         self.wake_at = 0.0
@@ -1136,13 +1137,16 @@ class Pipeline:
         if self.pump_due:
             return
         loop = asyncio.get_running_loop()
-        wait = self.pumped_at + FORWARD_BATCH_S - time.monotonic()
+        now = time.monotonic()
+        wait = self.pumped_at + FORWARD_BATCH_S - now
         if wait <= 0:
             self.pump_due = True
             loop.call_soon(self.pump)
-        elif self.pump_timer is None or self.pump_timer.when() > loop.time() + wait + slack:
+        elif self.pump_timer is None or self.pump_timer_at > now + wait + slack:
             if self.pump_timer is not None:
                 self.pump_timer.cancel()
+            # Its own clock: uvloop returns a Handle, which has no when(), for under 0.5 ms.
+            self.pump_timer_at = now + wait + slack
             self.pump_timer = loop.call_later(wait + slack, self.pump)
 
     def pump(self):
@@ -1517,6 +1521,7 @@ class Replication:
         if len(ids) > 36 * REMEMBERED_IDS:  # a peer away for long: only the latest matter
             del ids[:len(ids) - 36 * REMEMBERED_IDS]
         sent_ids = min(len(ids), (MAX_BODY_BYTES - 256) // 2 // 36 * 36)  # ids: half the room
+        ids_left = len(ids) > sent_ids  # more than fit: the next batch goes at once
         end = min(total, offset + min(self.batch, (MAX_BODY_BYTES - 256 - sent_ids) // REPLICA_ENTRY_BYTES))
         replica = self.replicas.get(stream.name)
         mine = replica.count() if replica is not None and replica.epoch == epoch else -1
@@ -1546,7 +1551,7 @@ class Replication:
             return False
         moved = not known or held > offset
         stream.epoch, stream.held = epoch, held
-        return bool(ids) or (moved and held < len(ledger.log) // 3)
+        return ids_left or (moved and held < len(ledger.log) // 3)
 
     async def stop(self):
         """Stop streaming, then send each answering peer what it still lacks (bounded by

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -1056,6 +1057,26 @@ def test_a_payment_handed_to_an_attempt_not_yet_running_stays_in_the_snapshot_a_
         return snapshot
     (seq, (cid, cents, _, pin)), = asyncio.run(run()).items()
     assert (seq, cid, cents, pin[0]) == (0, b"cid", 1990, rinha.DEFAULT)  # pinned where it went
+
+
+def test_a_pump_due_within_half_a_millisecond_is_asked_for_again_without_an_error(tmp_path):
+    # uvloop runs a call_later under 0.5 ms as a call_soon and returns a Handle without when():
+    # pump_soon() asked it for when() and raised, out of accept() after the payment was
+    # journaled and queued; its client got a 500 for a payment that was then forwarded.
+    async def run():
+        pipeline = rinha.Pipeline(rinha.Journal(str(tmp_path / "j")), rinha.Ledger())
+        pipeline.journal.open_compacted(pipeline.ledger, {})
+        pipeline.running = False  # the pumps below send nothing: only their scheduling is tested
+        pumped, pump = [], pipeline.pump
+        pipeline.pump = lambda: pumped.append(pump())
+        pipeline.pumped_at = time.monotonic() - rinha.FORWARD_BATCH_S + 0.0002
+        pipeline.pump_soon()  # due in 0.2 ms: uvloop's Handle
+        pipeline.pump_soon()  # asks whether that one comes soon enough
+        pipeline.accept(b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", 1990)
+        assert list(pipeline.backlog.ready)[0][1:3] == (b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", 1990)
+        await asyncio.sleep(0.01)
+        return pumped
+    assert uvloop.run(run())  # and the pump ran
 
 
 def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_writes(monkeypatch, tmp_path):

@@ -82,6 +82,10 @@ def arena_stack(settings, out, script):
             time.sleep(0.05)
         after = arena.stats()["cpu_usage_s"]
         cpu = after - before if arena.limits_applied and before is not None and after is not None else None
+        if result.get("failed_posts"):  # what the stack said meanwhile
+            for name in INSTANCES:
+                for line in arena.tail(name)[-10:]:
+                    print(f"floor: {name}: {line[:300]}")
     return result, cpu
 
 
@@ -97,14 +101,17 @@ def main(argv=None):
             result, cpu = haproxy_alone(settings, out)
         else:
             result, cpu = arena_stack(settings, out, NULL_INSTANCE if args.behind == "null" else BENCH.parent / "rinha.py")
+        if result.get("failed_posts"):  # what they were, as k6 saw them
+            k6_log = (Path(out) / "k6.log").read_text(errors="replace").splitlines()
+            for line in [line for line in k6_log if "level=warn" in line and "consistency" not in line][-10:]:
+                print(f"floor: k6: {line[:300]}")
     requests = result["http_reqs"]
     per_request = f"{1000 * cpu / requests:.3f} ms" if cpu is not None else "unknown (no cgroup)"
-    extra = (f", lag {result['lag']}, inconsistencies {result['inconsistencies']}, failed POSTs "
-             f"{result['failed_posts']}, fallback {result['fallback']['totalRequests']}, processors "
-             f"{result['default']['processorTotalRequests']} / {result['fallback']['processorTotalRequests']}"
-             if args.behind == "rinha" else "")
+    extra = (f", lag {result['lag']}, inconsistencies {result['inconsistencies']}, fallback "
+             f"{result['fallback']['totalRequests']}, processors {result['default']['processorTotalRequests']}"
+             f" / {result['fallback']['processorTotalRequests']}" if args.behind == "rinha" else "")
     print(f"floor: behind {args.behind}, {args.max_requests} VUs, p99 {result['p99']:.2f} ms, {requests} requests, "
-          f"CPU {per_request} per request{extra}")
+          f"CPU {per_request} per request, failed POSTs {result['failed_posts']}{extra}")
 
 
 if __name__ == "__main__":
