@@ -1476,9 +1476,9 @@ class Replication:
     async def stream(self, stream):
         """Send the peer what it lacks and the ids accepted here (an empty batch tells us
         where it is): every REPLICA_INTERVAL_S while there is something to send, at once
-        again while more than a batch is left; idle, a heartbeat every REPLICA_HEARTBEAT_S (a peer restarted
-        without its replica may not have written to us yet). Each wakeup of an idle
-        instance costs a fraction of a millisecond of CPU here: idle, it sleeps long."""
+        again while more than a batch is left; idle, a heartbeat every REPLICA_HEARTBEAT_S
+        (a peer restarted without its replica may not have written to us yet). Each wakeup
+        of an idle instance costs a fraction of a millisecond of CPU here: idle, it sleeps long."""
         loop = asyncio.get_running_loop()
         while True:
             busy = bool(stream.ids) or self.lacks(stream)
