@@ -2169,15 +2169,23 @@ def test_a_sender_restarted_while_its_peer_lags_resumes_where_the_peer_is(fresh,
 
 def test_a_graceful_stop_streams_what_its_peers_lack_before_it_exits(fresh, tmp_path):
     default, fallback = fresh
-    sender, receiver = peered(tmp_path, fresh, 2, REPLICA_INTERVAL_S=60)  # no batch but the last
+    receiver_port = free_port()
+    proxy = DroppingProxy(receiver_port)
+    proxy.cut = True  # the sender's batches fail: its stream then sleeps REPLICA_INTERVAL_S
+    quiet = {"REPLICA_INTERVAL_S": 60, "REPLICA_HEARTBEAT_S": 60}  # no batch but the last
+    sender = Instance(tmp_path, "sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}", **quiet)
+    receiver = Instance(tmp_path, "receiver", default, fallback, port=receiver_port,
+                        PEERS=f"http://127.0.0.1:{sender.port}", **quiet)
     try:
         accepted = pay_many(sender, 20, threads=2)
         assert wait_until(lambda: drained(sender))
         assert receiver.summary()["default"]["totalRequests"] == 0
+        proxy.cut = False
         assert sender.process.stop() == 0
         assert receiver.summary()["default"]["totalRequests"] == len(accepted) == 20
         assert_ledger_matches(receiver, default, fallback)
     finally:
+        proxy.stop()
         sender.process.stop()
         receiver.process.stop()
 
