@@ -1082,9 +1082,7 @@ class Pipeline:
         self.outboxes = []  # per peer: ids accepted here, to tell it (see Replication)
         self.accepted = self.duplicates = self.rejected = 0
         self.running = True
-        self.pump_due = False  # a pump is scheduled to run at once
-        self.pump_timer = None  # or a pump is scheduled for later (see pump_soon)
-        self.pump_timer_at = 0.0  # time.monotonic() it is due at
+        self.pump_due = False
         self.pumped_at = -FORWARD_BATCH_S  # time.monotonic() of the latest pump that sent
         self.wake = None  # timer for the next moment a held payment may move
         self.wake_at = 0.0
@@ -1124,38 +1122,26 @@ class Pipeline:
         backlog.ready.append((seq, cid, cents, accepted))
         backlog.unsettled += 1
         self.accepted += 1
-        self.pump_soon(FORWARD_BATCH_S)
+        self.pump_soon()
 
     # -- routing -----------------------------------------------------------
-    def pump_soon(self, slack=0.0):
-        """Pump at once if FORWARD_BATCH_S has passed since the latest pump that sent, else
-        when it has: payments then go out together and their answers come back together, as
-        a wakeup of this process costs more than the work of a payment. A new payment's pump
-        may wait `slack` longer (accept() gives FORWARD_BATCH_S): under load a request comes
-        first, and the pump runs in its wakeup instead of a timer's. Idle, the first payment
-        goes at once."""
-        if self.pump_due:
-            return
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        wait = self.pumped_at + FORWARD_BATCH_S - now
-        if wait <= 0:
+    def pump_soon(self):
+        """Pump at once, or FORWARD_BATCH_S after the latest pump that sent if later. Under
+        load, payments then go out together and their answers come back together: a wakeup
+        of this process costs more than the work of a payment, and this halves the wakeups
+        an answer costs. Idle, the first payment goes at once."""
+        if not self.pump_due:
             self.pump_due = True
-            loop.call_soon(self.pump)
-        elif self.pump_timer is None or self.pump_timer_at > now + wait + slack:
-            if self.pump_timer is not None:
-                self.pump_timer.cancel()
-            # Its own clock: uvloop returns a Handle, which has no when(), for under 0.5 ms.
-            self.pump_timer_at = now + wait + slack
-            self.pump_timer = loop.call_later(wait + slack, self.pump)
+            wait = self.pumped_at + FORWARD_BATCH_S - time.monotonic()
+            if wait > 0:
+                asyncio.get_running_loop().call_later(wait, self.pump)
+            else:
+                asyncio.get_running_loop().call_soon(self.pump)
 
     def pump(self):
         """Start every attempt that may start now: pinned payments on their own processor
         (each lane apart, so none waits on another), then the rest wherever route() says."""
         self.pump_due = False
-        if self.pump_timer is not None:
-            self.pump_timer.cancel()
-            self.pump_timer = None
         if not self.running:
             return
         now = time.monotonic()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -1059,26 +1058,6 @@ def test_a_payment_handed_to_an_attempt_not_yet_running_stays_in_the_snapshot_a_
     assert (seq, cid, cents, pin[0]) == (0, b"cid", 1990, rinha.DEFAULT)  # pinned where it went
 
 
-def test_a_pump_due_within_half_a_millisecond_is_asked_for_again_without_an_error(tmp_path):
-    # uvloop runs a call_later under 0.5 ms as a call_soon and returns a Handle without when():
-    # pump_soon() asked it for when() and raised, out of accept() after the payment was
-    # journaled and queued; its client got a 500 for a payment that was then forwarded.
-    async def run():
-        pipeline = rinha.Pipeline(rinha.Journal(str(tmp_path / "j")), rinha.Ledger())
-        pipeline.journal.open_compacted(pipeline.ledger, {})
-        pipeline.running = False  # the pumps below send nothing: only their scheduling is tested
-        pumped, pump = [], pipeline.pump
-        pipeline.pump = lambda: pumped.append(pump())
-        pipeline.pumped_at = time.monotonic() - rinha.FORWARD_BATCH_S + 0.0002
-        pipeline.pump_soon()  # due in 0.2 ms: uvloop's Handle
-        pipeline.pump_soon()  # asks whether that one comes soon enough
-        pipeline.accept(b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", 1990)
-        assert list(pipeline.backlog.ready)[0][1:3] == (b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", 1990)
-        await asyncio.sleep(0.01)
-        return pumped
-    assert uvloop.run(run())  # and the pump ran
-
-
 def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_writes(monkeypatch, tmp_path):
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the lookup hangs
     monkeypatch.setattr(rinha, "DEFAULT_PROCESSOR_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
@@ -1133,25 +1112,6 @@ def test_idle_the_first_payment_goes_at_once_and_later_ones_wait_for_the_next_ba
         time.sleep(0.3)
         assert default.summary()["totalRequests"] == 1
         assert wait_until(lambda: default.summary()["totalRequests"] == 4, timeout=3)
-        assert_ledger_matches(instance, default, fallback)
-    finally:
-        instance.process.stop()
-
-
-def test_waiting_payments_go_with_the_first_request_after_the_batch_wait_not_on_a_timer_of_their_own(fresh, tmp_path):
-    default, fallback = fresh
-    instance = Instance(tmp_path, "api1", default, fallback, FORWARD_BATCH_S=1.0)
-    try:
-        assert instance.pay(str(uuid.uuid4()))[0] == 202
-        assert wait_until(lambda: default.summary()["totalRequests"] == 1, timeout=0.5)
-        started = time.monotonic()
-        for _ in range(3):
-            assert instance.pay(str(uuid.uuid4()))[0] == 202
-        time.sleep(1.2 - (time.monotonic() - started))  # the batch wait has passed, no request since
-        assert default.summary()["totalRequests"] == 1  # no wakeup was spent on them alone
-        assert instance.pay(str(uuid.uuid4()))[0] == 202  # this request's wakeup sends all four
-        assert wait_until(lambda: default.summary()["totalRequests"] == 5, timeout=0.4)
-        assert time.monotonic() - started < 1.8  # before the timer (FORWARD_BATCH_S more) would
         assert_ledger_matches(instance, default, fallback)
     finally:
         instance.process.stop()
