@@ -18,7 +18,6 @@ Appends nothing to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import subprocess
 import sys
@@ -29,8 +28,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from arena import INSTANCES, PROCESSOR, Arena, free_port, http_request  # noqa: E402
+from arena import INSTANCES, PROCESSOR, Arena, free_port  # noqa: E402
 from capacity import FloorServer  # noqa: E402
+from cpu import unsettled  # noqa: E402
 from load import arena_targets, run_load  # noqa: E402
 
 NULL_INSTANCE = BENCH / "null_instance.py"
@@ -58,15 +58,6 @@ def haproxy_alone(settings, out):
             process.wait(10)
 
 
-def unsettled(arena):
-    """Payments accepted by rinha and not settled yet."""
-    total = 0
-    for name in INSTANCES:
-        health = json.loads(http_request(f"unix:{arena.socket_path(name)}", "GET", "/health")[1])
-        total += health["queue"] + health["in_flight"]
-    return total
-
-
 def arena_stack(settings, out, script):
     """(k6 result, CPU seconds of the load or None) for the arena with `script` as its instances."""
     purge_token = secrets.token_hex(8)
@@ -78,7 +69,8 @@ def arena_stack(settings, out, script):
         result = run_load({**settings, **arena_targets(arena, purge_token)}, out_dir=out,
                           log_path=Path(out) / "k6.log", dashboard=False)
         deadline = time.monotonic() + 30
-        while script != NULL_INSTANCE and time.monotonic() < deadline and unsettled(arena):
+        while (script != NULL_INSTANCE and time.monotonic() < deadline
+               and any(unsettled(arena, name) for name in INSTANCES)):
             time.sleep(0.05)
         after = arena.stats()["cpu_usage_s"]
         cpu = after - before if arena.limits_applied and before is not None and after is not None else None
