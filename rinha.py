@@ -64,7 +64,7 @@ PURGE_TOKEN = env_str("PURGE_TOKEN", "")
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", 100_000)
 REMEMBERED_IDS = env_int("REMEMBERED_IDS", 200_000)
 IN_FLIGHT_MIN = env_int("IN_FLIGHT_MIN", 4)
-IN_FLIGHT_CAP = env_int("IN_FLIGHT_CAP", 300)
+IN_FLIGHT_CAP = env_int("IN_FLIGHT_CAP", 650)
 FORWARD_RATE = env_float("FORWARD_RATE", 2000.0)
 FORWARD_BATCH_S = env_float("FORWARD_BATCH_S", 0.05)
 LATENCY_WEIGHT = env_float("LATENCY_WEIGHT", 0.2)
@@ -73,10 +73,15 @@ BREAKER_FAILURES = env_int("BREAKER_FAILURES", 3)
 BREAKER_RETRY_S = env_float("BREAKER_RETRY_S", 0.25)
 FALLBACK_AFTER_S = env_float("FALLBACK_AFTER_S", 25.0)
 FALLBACK_QUEUE_FRACTION = env_float("FALLBACK_QUEUE_FRACTION", 0.8)
+PROMISE_MARGIN_S = env_float("PROMISE_MARGIN_S", 1.5)
+PROMISE_HEADROOM_S = env_float("PROMISE_HEADROOM_S", 0.25)
+PROMISE_HOLD_S = env_float("PROMISE_HOLD_S", 1.0)
+SUSPECT_MIN_S = env_float("SUSPECT_MIN_S", 0.1)
 PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
 PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
 HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
+PEER_SUMMARY_TIMEOUT_S = env_float("PEER_SUMMARY_TIMEOUT_S", 0.25)
 TICK_S = env_float("TICK_S", 0.1)
 STALL_S = env_float("STALL_S", 0.8)
 REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.25)
@@ -463,6 +468,11 @@ class Ledger:
         twin.log = None if self.log is None else self.log[:]
         twin.epoch = self.epoch
         return twin
+
+
+def window_totals(ledger, low, high):
+    """[default count, cents, fallback count, cents] of a ledger's window."""
+    return [*ledger.window(DEFAULT, low, high), *ledger.window(FALLBACK, low, high)]
 
 
 class Journal:
@@ -921,9 +931,15 @@ class Upstream:
 # ---------------------------------------------------------------------------
 # Router and breaker
 # Two tables hold every decision: what each outcome of an attempt does to the payment and
-# to the breaker. The default takes every payment while it works at all, however slowly;
-# while it is down, the fallback takes unpinned payments once the default has failed for
-# FALLBACK_AFTER_S with no success between, or once the queue nears capacity. A payment whose
+# to the breaker. The promise: the summary equals the processors' records for any window that
+# ends PROMISE_MARGIN_S before the request; a processor slower than that stores payments inside
+# such a window after the summary was read, so latency is a cost as failure is. The default
+# takes every payment while it works and keeps the promise; while it is down, the fallback
+# takes unpinned payments once the default has failed for FALLBACK_AFTER_S with no success
+# between; while it works too slowly, once it has been slow PROMISE_HOLD_S, if the fallback
+# keeps the promise (a 10 % higher fee on those payments against a 35 % fine on everything);
+# if neither does, the default after FALLBACK_AFTER_S (a late payment still earns 65 %, a
+# held one nothing if the test ends). Near capacity, waiting ends at once. A payment whose
 # attempt may have landed is pinned to that processor until an answer or a lookup settles it.
 # ---------------------------------------------------------------------------
 
@@ -1040,12 +1056,21 @@ class Breaker:
 
 
 class Lane:
-    """One processor as the router sees it: its connections, its breaker, and how many
-    payments may be in flight there. By Little's law, in flight = rate x latency, and the
-    pump sends what gathered over FORWARD_BATCH_S at once: the limit follows
-    FORWARD_RATE x (latency + FORWARD_BATCH_S), between IN_FLIGHT_MIN and IN_FLIGHT_CAP,
-    grows by one per answer (a slow start), and halves on a 429."""
-    __slots__ = ("index", "upstream", "breaker", "in_flight", "limit", "latency", "confirmed", "failed")
+    """One processor as the router sees it: its connections, its breaker, how many payments
+    may be in flight there, and whether it keeps the summary's promise.
+
+    In flight: by Little's law, rate x latency; the pump sends what gathered over
+    FORWARD_BATCH_S at once, so the limit is FORWARD_RATE x (latency + FORWARD_BATCH_S) from
+    the first answer on, between IN_FLIGHT_MIN and a ceiling: IN_FLIGHT_CAP (what the
+    processor takes from one of two instances), halved by a 429, one more per answer after.
+
+    The promise (see Router): a payment sent here is stored about one latency after it is
+    sent. The lane keeps the promise while the latest-sent stored attempt took under
+    PROMISE_MARGIN_S - PROMISE_HEADROOM_S and no attempt has been out longer than that, nor
+    suspiciously long: over max(SUSPECT_MIN_S, 3 x that latency), which stops new sends here
+    at once until the answers say how slow it has become."""
+    __slots__ = ("index", "upstream", "breaker", "in_flight", "limit", "ceiling", "latency", "confirmed",
+                 "failed", "outstanding", "promise_latency", "promise_sent", "keeping", "slow_since")
 
     def __init__(self, index, url):
         self.index = index
@@ -1053,17 +1078,53 @@ class Lane:
         self.breaker = Breaker()
         self.in_flight = 0
         self.limit = min(IN_FLIGHT_MIN, IN_FLIGHT_CAP)
+        self.ceiling = IN_FLIGHT_CAP
         self.latency = 0.0  # seconds, moving average over answered attempts
         self.confirmed = 0
         self.failed = 0
+        self.outstanding = deque()  # [monotonic start] of the attempts out, oldest first; None once answered
+        self.promise_latency = 0.0  # seconds the latest-sent stored attempt took
+        self.promise_sent = 0.0  # when that attempt was sent
+        self.keeping = True  # whether the lane keeps the promise, as of the latest pump
+        self.slow_since = None  # when a working lane was first seen breaking it; None while keeping
 
-    def answered(self, seconds):
+    def sending(self, now):
+        """An attempt goes out now: its mark, for answered()."""
+        mark = [now]
+        self.outstanding.append(mark)
+        return mark
+
+    def answered(self, mark, now, status):
+        """An attempt ended: status None if no answer came. An answer teaches the in-flight
+        limit; a stored one (200 or 422) also when stores land."""
+        started, mark[0] = mark[0], None
+        outstanding = self.outstanding
+        while outstanding and outstanding[0][0] is None:
+            outstanding.popleft()
+        if status is None:
+            return
+        seconds = now - started
+        if (status == 200 or status == 422) and started >= self.promise_sent:  # the freshest evidence
+            self.promise_sent, self.promise_latency = started, seconds
         self.latency += (seconds - self.latency) * LATENCY_WEIGHT
-        target = min(IN_FLIGHT_CAP, max(IN_FLIGHT_MIN, math.ceil(FORWARD_RATE * (self.latency + FORWARD_BATCH_S))))
-        self.limit = self.limit + 1 if self.limit < target else target
+        self.ceiling = min(IN_FLIGHT_CAP, self.ceiling + 1)
+        target = max(IN_FLIGHT_MIN, math.ceil(FORWARD_RATE * (self.latency + FORWARD_BATCH_S)))
+        self.limit = min(target, self.ceiling)
 
     def throttled(self):
-        self.limit = max(min(IN_FLIGHT_MIN, IN_FLIGHT_CAP), self.limit // 2)
+        self.ceiling = self.limit = max(min(IN_FLIGHT_MIN, IN_FLIGHT_CAP), self.limit // 2)
+
+    def check_promise(self, now):
+        """Whether payments sent here now keep the promise; a working lane that breaks it
+        starts its slow_since clock (a lane that is down is the breaker's business)."""
+        bound = PROMISE_MARGIN_S - PROMISE_HEADROOM_S
+        oldest = now - self.outstanding[0][0] if self.outstanding else 0.0
+        self.keeping = self.promise_latency < bound and oldest < min(bound, max(SUSPECT_MIN_S, 3 * self.promise_latency))
+        if self.keeping or self.breaker.state is not CLOSED:
+            self.slow_since = None
+        elif self.slow_since is None:
+            self.slow_since = now
+        return self.keeping
 
 
 class Pipeline:
@@ -1148,6 +1209,7 @@ class Pipeline:
         backlog = self.backlog
         in_flight = self.in_flight()
         for lane in self.lanes:
+            lane.check_promise(now)
             waiting = backlog.pinned[lane.index]
             while waiting and lane.in_flight < lane.limit and lane.breaker.allows(now):
                 self.start(waiting.popleft(), lane, PINNED)
@@ -1162,27 +1224,41 @@ class Pipeline:
         self.arm_wake(now)
 
     def route(self, now):
-        """The lane for the next unpinned payment, or None to hold it."""
+        """The lane for the next unpinned payment, or None to hold it (rule: Router above)."""
         default, fallback = self.lanes
-        if default.in_flight < default.limit and default.breaker.allows(now):
+        if default.keeping or default.breaker.state is not CLOSED:  # fast enough, or down
+            if default.in_flight < default.limit and default.breaker.allows(now):
+                return default
+            if default.breaker.state is CLOSED:
+                return None  # working, only busy: worth the wait
+            if default.breaker.down_for(now) < FALLBACK_AFTER_S and not self.backlog.nearly_full():
+                return None  # down, but not for long yet
+            if fallback.in_flight < fallback.limit and fallback.breaker.allows(now):
+                return fallback
+            return None
+        # Working, but too slow to keep the promise: one probe at a time learns when it is fast again.
+        if default.in_flight == 0:
             return default
-        if default.breaker.state is CLOSED:
-            return None  # working, only busy: however slow, it is worth the wait
-        if default.breaker.down_for(now) < FALLBACK_AFTER_S and not self.backlog.nearly_full():
-            return None  # down, but not for long yet
-        if fallback.in_flight < fallback.limit and fallback.breaker.allows(now):
-            return fallback
+        slow_for = now - default.slow_since
+        if fallback.keeping and fallback.breaker.state is CLOSED:
+            if slow_for >= PROMISE_HOLD_S or self.backlog.nearly_full():
+                return fallback if fallback.in_flight < fallback.limit else None
+        elif slow_for >= FALLBACK_AFTER_S or self.backlog.nearly_full():
+            return default if default.in_flight < default.limit else None  # neither keeps it
         return None
 
     def arm_wake(self, now):
         """Pump again when a held payment may move: a breaker's next probe, or the moment
-        the default has been down FALLBACK_AFTER_S. Answers pump too, so this covers holds."""
+        the default has been down FALLBACK_AFTER_S, or slow PROMISE_HOLD_S or FALLBACK_AFTER_S.
+        Answers pump too, so this covers holds."""
         backlog = self.backlog
         moments = [lane.breaker.retry_at for lane in self.lanes if lane.breaker.state is OPEN
                    and (backlog.ready or backlog.pinned[lane.index])]
-        since = self.lanes[DEFAULT].breaker.failing_since
-        if backlog.ready and since is not None:
-            moments.append(since + FALLBACK_AFTER_S)
+        default = self.lanes[DEFAULT]
+        if backlog.ready and default.breaker.failing_since is not None:
+            moments.append(default.breaker.failing_since + FALLBACK_AFTER_S)
+        if backlog.ready and default.slow_since is not None:
+            moments += (default.slow_since + PROMISE_HOLD_S, default.slow_since + FALLBACK_AFTER_S)
         at = min((moment for moment in moments if moment > now), default=None)
         if at is None or (self.wake is not None and self.wake_at <= at):
             return
@@ -1226,14 +1302,15 @@ class Pipeline:
             await asyncio.sleep(JOURNAL_RETRY_S)  # holding its slot: no retry loop meanwhile
             return JOURNAL_FAILED
         body = PROCESSOR_BODY % (cid, cents_text(cents), iso_ms(requested))
-        started = time.monotonic()
+        mark, status = lane.sending(time.monotonic()), None
         try:
             status, _ = await lane.upstream.request(b"POST", b"/payments", body, JSON_HEADER)
         except NotSent:
             return NOT_SENT
         except UpstreamError:
             return ANSWER_LOST
-        lane.answered(time.monotonic() - started)
+        finally:
+            lane.answered(mark, time.monotonic(), status)
         if status == 200:
             return OK
         if status == 422:  # stored already: by an earlier attempt of ours, or by someone else
@@ -1373,6 +1450,7 @@ class Pipeline:
                     "breaker": breaker.state, "reported_failing": breaker.reported_failing,
                     "down_for_s": round(breaker.down_for(now), 3), "in_flight": lane.in_flight,
                     "in_flight_limit": lane.limit, "latency_ms": round(lane.latency * 1000, 3),
+                    "keeps_promise": lane.keeping, "stored_latency_ms": round(lane.promise_latency * 1000, 3),
                     "ledger_requests": count, "ledger_amount": cents / 100}
         backlog = self.backlog
         return {"queue": backlog.unsettled - self.in_flight(), "in_flight": self.in_flight(),
@@ -1384,8 +1462,10 @@ class Pipeline:
 # ---------------------------------------------------------------------------
 # Replication
 # Each instance streams its confirmation log (Ledger.log) to every peer and keeps a replica
-# of each peer's, so any instance answers the whole backend's summary alone and at once,
-# whether its peers are up, restarting or hung. One exchange, POST /internal/replica:
+# of each peer's. A summary asks each peer for its own totals (Server.summary) and uses the
+# replica of a peer that does not answer within PEER_SUMMARY_TIMEOUT_S, so any instance
+# answers for the whole backend whether its peers are up, restarting or hung. One exchange,
+# POST /internal/replica:
 #   request  "origin epoch offset total mine ids\n", then entries offset, offset+1, ... of
 #            origin's log as packed native int64 triples (processor, requestedAt ms, cents),
 #            then `ids` correlationIds (36 bytes each) origin accepted since the last
@@ -1709,23 +1789,40 @@ class Server:
             connection.check_deadline(now)
 
     # -- endpoints ---------------------------------------------------------
-    def summary(self, request):
-        """The whole backend's totals from this instance's ledger and its replicas of the
-        peers' (see Replication): at once, whether the peers answer now or not."""
-        low, high = parse_window(request.query)
-        totals = self.local_totals(low, high)
+    async def summary(self, low, high):
+        """The whole backend's totals: the own ledger; each peer's own ledger as the peer
+        answers now (GET /internal/summary, within PEER_SUMMARY_TIMEOUT_S); for a peer that
+        does not answer in time, this instance's replica of its log (see Replication). So an
+        answer counts every confirmation any answering instance held when it was asked, and
+        never counts less than the answer before it while every instance answers."""
+        path = b"/internal/summary?from=%d&to=%d" % (low, high)
+        asked = self.peers if PEER_SUMMARY_TIMEOUT_S > 0 else ()  # 0: the replicas alone
+        answers = await asyncio.gather(*(self.ask_fresh(peer, path) for peer in asked))
+        totals = self.totals(low, high, dict(answer for answer in answers if answer is not None))
         return SUMMARY_BODY % (totals[0], cents_text(totals[1]), totals[2], cents_text(totals[3]))
 
-    def local_totals(self, low, high):
-        """[default count, cents, fallback count, cents] over the own ledger and the replicas."""
-        totals = [0, 0, 0, 0]
-        for ledger in (self.pipeline.ledger, *self.replication.replicas.values()):
-            count_d, cents_d = ledger.window(DEFAULT, low, high)
-            count_f, cents_f = ledger.window(FALLBACK, low, high)
-            totals[0] += count_d
-            totals[1] += cents_d
-            totals[2] += count_f
-            totals[3] += cents_f
+    async def ask_fresh(self, peer, path):
+        """(origin, [default count, cents, fallback count, cents]) of a peer's own ledger now, or
+        None if it does not answer within PEER_SUMMARY_TIMEOUT_S or is at another epoch."""
+        try:
+            status, body = await asyncio.wait_for(
+                peer.request(b"GET", path, b"", b"", PEER_SUMMARY_TIMEOUT_S), PEER_SUMMARY_TIMEOUT_S)
+            origin, epoch, *numbers = body.split()
+            if status != 200 or int(epoch) != self.pipeline.ledger.epoch or len(numbers) != 4:
+                return None
+            return origin, [int(number) for number in numbers]
+        except (UpstreamError, asyncio.TimeoutError, ValueError):
+            return None
+
+    def totals(self, low, high, fresh):
+        """[default count, cents, fallback count, cents]: the own ledger, plus per peer its fresh
+        answer ({origin: totals}) or else the replica of its log."""
+        totals = window_totals(self.pipeline.ledger, low, high)
+        parts = [fresh.pop(origin, None) or window_totals(replica, low, high)
+                 for origin, replica in self.replication.replicas.items()]
+        for part in parts + list(fresh.values()):  # fresh.values(): peers with no replica yet
+            for i in range(4):
+                totals[i] += part[i]
         return totals
 
     async def purge(self, request):
@@ -1746,7 +1843,7 @@ class Server:
 
     async def ask_peers(self, method, path, headers):
         """Every peer's answer body, or PeerUnavailable: never a silent partial answer.
-        Used by the purge only; the summary never waits for a peer."""
+        Used by the purge; the summary asks with ask_fresh, which has the replicas to fall back on."""
         if not self.peers:
             return []
         calls = [peer.request(method, path, b"", headers, PEER_TIMEOUT_S) for peer in self.peers]
@@ -1764,6 +1861,7 @@ class Server:
         statistics["instance"] = INSTANCE_ID
         statistics["uptime_s"] = round(time.monotonic() - self.started, 1)
         statistics["connections"] = len(self.connections)
+        statistics["replicas"] = {origin.decode(): replica.count() for origin, replica in self.replication.replicas.items()}
         statistics["gc"] = {"collections": self.gc_pauses[0],
                             "total_ms": round(self.gc_pauses[1] * 1000, 3),
                             "longest_ms": round(self.gc_pauses[2] * 1000, 3)}
@@ -1792,6 +1890,8 @@ class Server:
         metric("in_flight_limit", "gauge", "Attempts allowed at once.", *[(labels, lane.limit) for labels, lane in lanes])
         metric("processor_latency_seconds", "gauge", "Moving average of answered attempts.",
                *[(labels, lane.latency) for labels, lane in lanes])
+        metric("processor_keeps_promise", "gauge", "1 while payments sent there are stored within the margin.",
+               *[(labels, int(lane.keeping)) for labels, lane in lanes])
         metric("breaker_state", "gauge", "1 for the breaker's current state.",
                *[(f'{{processor="{PROCESSOR_NAMES[lane.index]}",state="{state}"}}', int(lane.breaker.state is state))
                  for _, lane in lanes for state in (CLOSED, OPEN, HALF_OPEN)])
@@ -1924,7 +2024,20 @@ class HttpConnection(asyncio.Protocol):
         return keep
 
     def get_summary(self, request, body, keep):
-        return self.answer(response(b"200 OK", self.server.summary(request), close=not keep), keep)
+        low, high = parse_window(request.query)
+        return self.answer_later(self.server.summary(low, high), request, keep)
+
+    def get_own_summary(self, request, body, keep):
+        """GET /internal/summary?from=ms&to=ms, asked by a peer answering a summary: this
+        instance's own confirmations in the window, "origin epoch count cents count cents"."""
+        try:
+            query = dict(parse_qsl(request.query.decode("latin-1")))
+            low, high = int(query["from"]), int(query["to"])
+        except (KeyError, ValueError):
+            raise InvalidQuery("from and to must be integers (ms)") from None
+        ledger = self.server.pipeline.ledger
+        answer = b"%s %d %d %d %d %d" % (ORIGIN, ledger.epoch, *window_totals(ledger, low, high))
+        return self.answer(response(b"200 OK", answer, b"text/plain", close=not keep), keep)
 
     def post_purge(self, request, body, keep):
         return self.answer_later(self.server.purge(request), request, keep, PURGED)
@@ -2026,6 +2139,7 @@ ROUTES = {  # path -> (the one method it answers, handler)
     b"/health": (b"GET", HttpConnection.get_health),
     b"/metrics": (b"GET", HttpConnection.get_metrics),
     b"/internal/purge": (b"POST", HttpConnection.post_local_purge),  # asked by peers
+    b"/internal/summary": (b"GET", HttpConnection.get_own_summary),  # asked by peers
     REPLICA_PATH: (b"POST", post_replica),  # sent by peers
     b"/internal/ready": (b"GET", get_ready),  # the load balancer's check
 }

@@ -7,8 +7,11 @@ processors' fees and the moment the teardown read the summaries, and computes th
 
 - A payment accepted in second k may be forwarded at any time from second k on.
 - A processor stores a payment sent at time t iff it is not failing at t + d, where d is the
-  delay configured at t (the processor sleeps first, then checks for failure: CONTRACT.md §3),
+  delay configured at t (the processor sleeps first, then checks for failure: CONTEST.md),
   and t + d is before the teardown read the summaries (later, it would not be counted).
+- A processor is usable only while its delay keeps the summary's promise (d < PROMISE_MARGIN_S,
+  the consistency check's 1.5 s): a slower one stores payments inside windows already checked,
+  and the fine (35 %) costs more than any fee.
 - Capacity: a processor with delay d > 0 completes at most PROCESSOR_MAX_IN_FLIGHT / d payments
   per second (800 in flight; the waiting line adds no throughput); with no delay, its capacity
   is taken as unlimited (the emulator answers at once; the real one takes about a millisecond).
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 import math
 
-PROCESSOR_MAX_IN_FLIGHT = 800  # CONTRACT.md §3: the processor's POST /payments in flight
+PROCESSOR_MAX_IN_FLIGHT = 800  # CONTEST.md: the processor's POST /payments in flight
+PROMISE_MARGIN_S = 1.5  # the consistency check's window ends this long before it asks
 PROCESSORS = ("default", "fallback")
 
 
@@ -63,6 +67,8 @@ def good_send_pieces(schedule, processor, start, stop, end_s):
         if b <= a:
             continue
         delay, _ = _state_at(schedule, a, processor)
+        if delay >= PROMISE_MARGIN_S:
+            continue  # its stores would land inside windows already checked
         # Within [a, b) the delay is constant and a payment lands at t + delay: split [a, b)
         # where t + delay crosses a change of state, and keep the pieces that land healthy.
         last_send = min(b, end_s - delay)

@@ -43,6 +43,9 @@ SCENARIOS = (
     ("default-slow-1000ms", "bench/phases/default-slow-1000ms.json", "random"),
     ("both-down-20-40", "bench/phases/both-down-20-40.json", "random"),
     ("fallback-down", "bench/phases/fallback-down.json", "random"),
+    ("default-slow-2000ms", "bench/phases/default-slow-2000ms.json", "random"),
+    ("default-alternating-1500ms", "bench/phases/default-alternating-1500ms.json", "random"),
+    ("default-down-fallback-1000ms", "bench/phases/default-down-fallback-1000ms.json", "random"),
 )
 HEADER = ("| date (UTC) | commit | scenario | amounts | VUs, s | score | oracle | share | lag | "
           "default / fallback | p99 ms | incons. | failed POSTs |")

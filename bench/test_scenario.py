@@ -234,11 +234,22 @@ def test_oracle_counts_a_slow_processor_800_in_flight_at_most():
 
 def test_oracle_knows_a_payment_fails_if_the_processor_fails_when_its_delay_ends():
     from oracle import oracle
-    # Default 2 s per payment and failing from 5 s: sends from 3 s on land in the failure.
-    schedule = [phase(0, default=(2000, False)), phase(5, default=(2000, True))]
+    # Default 1 s per payment and failing from 5 s: sends from 4 s on land in the failure.
+    schedule = [phase(0, default=(1000, False)), phase(5, default=(1000, True))]
     out = oracle([0, 0, 0, 0, 10, 0, 0], [0, 0, 0, 0, 1000, 0, 0], schedule, FEES, end_s=7.0)
     assert out["routing"]["default"]["payments"] == 0
     assert out["routing"]["fallback"]["payments"] == 10
+
+
+def test_oracle_counts_a_processor_as_usable_only_while_its_delay_keeps_the_promise():
+    from oracle import oracle
+    # Default 1.5 s (the check's margin) from 1 s to 2 s: sends then would land inside windows
+    # already checked; payments of second 1 wait for the default's return at 2 s instead.
+    schedule = [phase(0), phase(1, default=(1500, False)), phase(2)]
+    out = oracle([10, 10, 10], [1000, 2000, 3000], schedule, FEES, end_s=3.0)
+    assert out["routing"]["default"]["payments"] == 30
+    slow = oracle([10, 10], [1000, 2000], [phase(0, default=(2000, False))], FEES, end_s=5.0)
+    assert slow["routing"]["default"]["payments"] == 0 and slow["routing"]["fallback"]["payments"] == 20
 
 
 def test_oracle_gives_scarce_capacity_to_the_payments_with_fewest_options():
