@@ -75,6 +75,7 @@ FALLBACK_AFTER_S = env_float("FALLBACK_AFTER_S", 25.0)
 FALLBACK_QUEUE_FRACTION = env_float("FALLBACK_QUEUE_FRACTION", 0.8)
 PROMISE_MARGIN_S = env_float("PROMISE_MARGIN_S", 1.5)
 PROMISE_HEADROOM_S = env_float("PROMISE_HEADROOM_S", 0.25)
+PROMISE_HOLD_S = env_float("PROMISE_HOLD_S", 1.0)
 SUSPECT_MIN_S = env_float("SUSPECT_MIN_S", 0.1)
 PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
 PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
@@ -933,14 +934,13 @@ class Upstream:
 # to the breaker. The promise: the summary equals the processors' records for any window that
 # ends PROMISE_MARGIN_S before the request; a processor slower than that stores payments inside
 # such a window after the summary was read, so latency is a cost as failure is. The default
-# takes every payment while it works and keeps the promise. While it is down, or works too
-# slowly, payments wait for it (95 % of a payment beats the fallback's 85 %, and a late store
-# risks a 35 % fine on everything) until it has been so for FALLBACK_AFTER_S; then the
-# fallback takes unpinned payments, or, while the fallback does not keep the promise either,
-# the slow default does (late but paid beats held until the test ends). Near capacity,
-# waiting ends at once. Meanwhile a slow default gets one attempt at a time: a probe. A
-# payment whose attempt may have landed is pinned to that processor until an answer or a
-# lookup settles it.
+# takes every payment while it works and keeps the promise; while it is down, the fallback
+# takes unpinned payments once the default has failed for FALLBACK_AFTER_S with no success
+# between; while it works too slowly, once it has been slow PROMISE_HOLD_S, if the fallback
+# keeps the promise (a 10 % higher fee on those payments against a 35 % fine on everything);
+# if neither does, the default after FALLBACK_AFTER_S (a late payment still earns 65 %, a
+# held one nothing if the test ends). Near capacity, waiting ends at once. A payment whose
+# attempt may have landed is pinned to that processor until an answer or a lookup settles it.
 # ---------------------------------------------------------------------------
 
 # A payment's states. IN_FLIGHT is the attempt itself (Backlog.flying): the tables below map
@@ -1239,15 +1239,17 @@ class Pipeline:
         # Working, but too slow to keep the promise: one probe at a time learns when it is fast again.
         if default.in_flight == 0:
             return default
-        if now - default.slow_since < FALLBACK_AFTER_S and not self.backlog.nearly_full():
-            return None  # slow, but not for long yet
+        slow_for = now - default.slow_since
         if fallback.keeping and fallback.breaker.state is CLOSED:
-            return fallback if fallback.in_flight < fallback.limit else None
-        return default if default.in_flight < default.limit else None  # neither keeps it
+            if slow_for >= PROMISE_HOLD_S or self.backlog.nearly_full():
+                return fallback if fallback.in_flight < fallback.limit else None
+        elif slow_for >= FALLBACK_AFTER_S or self.backlog.nearly_full():
+            return default if default.in_flight < default.limit else None  # neither keeps it
+        return None
 
     def arm_wake(self, now):
         """Pump again when a held payment may move: a breaker's next probe, or the moment
-        the default has been down or slow FALLBACK_AFTER_S.
+        the default has been down FALLBACK_AFTER_S, or slow PROMISE_HOLD_S or FALLBACK_AFTER_S.
         Answers pump too, so this covers holds."""
         backlog = self.backlog
         moments = [lane.breaker.retry_at for lane in self.lanes if lane.breaker.state is OPEN
@@ -1256,7 +1258,7 @@ class Pipeline:
         if backlog.ready and default.breaker.failing_since is not None:
             moments.append(default.breaker.failing_since + FALLBACK_AFTER_S)
         if backlog.ready and default.slow_since is not None:
-            moments.append(default.slow_since + FALLBACK_AFTER_S)
+            moments += (default.slow_since + PROMISE_HOLD_S, default.slow_since + FALLBACK_AFTER_S)
         at = min((moment for moment in moments if moment > now), default=None)
         if at is None or (self.wake is not None and self.wake_at <= at):
             return

@@ -1165,7 +1165,7 @@ def test_a_lane_keeps_the_promise_only_while_stores_land_within_the_margin():
     assert not lane.check_promise(114.0) and lane.slow_since is None
 
 
-def test_the_router_waits_for_a_slow_default_probing_it_then_takes_the_fallback_and_returns_when_it_is_fast():
+def test_the_router_moves_off_a_slow_default_after_the_hold_probing_it_and_returns_when_it_is_fast():
     pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
     default, fallback = pipeline.lanes
     now = 1000.0
@@ -1174,14 +1174,14 @@ def test_the_router_waits_for_a_slow_default_probing_it_then_takes_the_fallback_
     assert pipeline.route(now) is default  # nothing out there: one probe learns the latency
     probe = default.sending(now)
     default.in_flight = 1
-    assert pipeline.route(now) is None  # held, as for a failing default
-    later = now + rinha.FALLBACK_AFTER_S
+    assert pipeline.route(now) is None  # held: it may be a blip
+    later = now + rinha.PROMISE_HOLD_S
     default.check_promise(later)
     assert pipeline.route(later) is fallback
     fallback.in_flight = fallback.limit
     assert pipeline.route(later) is None  # the fallback is busy: wait for it, not for the default
     fallback.in_flight = 0
-    default.answered(probe, later + 0.5, 200)  # the probe (sent at `now`) took long: still slow
+    default.answered(probe, later + 0.5, 200)  # the probe (sent at `now`) took 1.5 s: still slow
     default.in_flight = 0
     assert not default.check_promise(later + 0.5) and pipeline.route(later + 0.5) is default
     answer(default, later + 0.6, 0.005)  # the next probe is fast: the default again
@@ -1196,11 +1196,12 @@ def test_when_neither_processor_keeps_the_promise_the_default_takes_payments_aft
         answer(lane, now - 2.0, 2.0)
         lane.check_promise(now)
     default.in_flight = 1  # the probe
-    assert pipeline.route(now + rinha.FALLBACK_AFTER_S - 0.1) is None
+    assert pipeline.route(now + rinha.PROMISE_HOLD_S) is None
+    default.check_promise(now + rinha.FALLBACK_AFTER_S)
     assert pipeline.route(now + rinha.FALLBACK_AFTER_S) is default  # late but paid beats held
     answer(fallback, now, 0.001)  # fast again, but down: no better than slow
     fallback.breaker.state, fallback.breaker.retry_at = rinha.OPEN, now + 100
-    assert fallback.check_promise(now) and pipeline.route(now + rinha.FALLBACK_AFTER_S) is default
+    assert fallback.check_promise(now) and pipeline.route(now + rinha.PROMISE_HOLD_S) is None
 
 
 def test_two_instances_polling_health_never_draw_a_429_and_see_failure_and_recovery(tmp_path):
@@ -1349,7 +1350,7 @@ def test_a_default_slower_than_the_margin_loses_new_payments_to_the_fallback_unt
     # windows the summary had already answered (162 inconsistencies in a contest run).
     default, fallback = fresh
     default.configure(delay=1600)
-    instance = Instance(tmp_path, "api1", default, fallback, FALLBACK_AFTER_S=1)
+    instance = Instance(tmp_path, "api1", default, fallback)
     try:
         first = pay_many(instance, 5)  # these go before anything is known: the default
         assert wait_until(lambda: default.summary()["totalRequests"] == 5)
