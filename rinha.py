@@ -105,7 +105,8 @@ PROCESSOR_NAMES = ("default", "fallback")
 
 
 def log(message):
-    sys.stderr.write(f"{INSTANCE_ID}: {message}\n")
+    """One line per event: UTC time to the millisecond, the instance, the message."""
+    sys.stderr.write(f"{iso_ms(now_ms()).decode()} {INSTANCE_ID} {message}\n")
     sys.stderr.flush()
 
 
@@ -212,7 +213,8 @@ class HttpError(Exception):
                         extra=self.extra, close=close or self.closes)
 
 
-class MalformedRequest(HttpError):
+# One class per distinct answer: status, whether the connection closes, extra header lines.
+class MalformedRequest(HttpError):  # the stream can no longer be trusted
     status = b"400 Bad Request"
 
 
@@ -240,12 +242,7 @@ class RequestTimeout(HttpError):
     status = b"408 Request Timeout"
 
 
-class InvalidPayment(HttpError):
-    status = b"400 Bad Request"
-    closes = False
-
-
-class InvalidQuery(HttpError):
+class InvalidRequest(HttpError):  # a well-framed request with a bad body or query
     status = b"400 Bad Request"
     closes = False
 
@@ -269,23 +266,15 @@ class Forbidden(HttpError):
     closes = False
 
 
-class QueueFull(HttpError):
+class RetryLater(HttpError):  # full queue, full disk, a stalled instance: nothing was taken
     status = b"503 Service Unavailable"
     closes = False
     extra = b"Retry-After: 1\r\n"
 
 
-class Unavailable(HttpError):
+class Unavailable(HttpError):  # the journal cannot be written, too many connections
     status = b"503 Service Unavailable"
     closes = False
-
-
-class JournalFull(Unavailable):
-    extra = b"Retry-After: 1\r\n"
-
-
-class StalledInstance(Unavailable):
-    extra = b"Retry-After: 1\r\n"
 
 
 class PeerUnavailable(HttpError):
@@ -359,19 +348,19 @@ def parse_head(head):
 
 
 def parse_payment(body):
-    """POST /payments body -> (correlationId, cents), or InvalidPayment naming the field."""
+    """POST /payments body -> (correlationId, cents), or InvalidRequest naming the field."""
     try:
         payment = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise InvalidPayment("body is not valid JSON") from None
+        raise InvalidRequest("body is not valid JSON") from None
     if type(payment) is not dict:
-        raise InvalidPayment("body must be a JSON object")
+        raise InvalidRequest("body must be a JSON object")
     cid = payment.get("correlationId")
     if type(cid) is not str or len(cid) != 36 or not UUID_PATTERN.fullmatch(cid):
-        raise InvalidPayment("correlationId must be a UUID string", "correlationId")
+        raise InvalidRequest("correlationId must be a UUID string", "correlationId")
     cents = amount_to_cents(payment.get("amount"))
     if cents is None or cents <= 0 or cents > MAX_AMOUNT_CENTS:
-        raise InvalidPayment(f"amount must be a number over 0.00 and at most {MAX_AMOUNT}", "amount")
+        raise InvalidRequest(f"amount must be a number over 0.00 and at most {MAX_AMOUNT}", "amount")
     return cid.encode(), cents
 
 
@@ -381,14 +370,14 @@ def parse_window(query):
     try:
         pairs = parse_qsl(query.decode("latin-1"))
     except ValueError:
-        raise InvalidQuery("malformed query string") from None
+        raise InvalidRequest("malformed query string") from None
     for name, value in pairs:
         if name not in ("from", "to") or not value:
             continue
         try:  # a '+' offset arrives as a space once the query is decoded
             stamp = parse_iso_ms(value.replace(" ", "+"), round_up=(name == "from"))
         except ValueError:
-            raise InvalidQuery(f"{name} must be an ISO-8601 timestamp", name) from None
+            raise InvalidRequest(f"{name} must be an ISO-8601 timestamp", name) from None
         if name == "from":
             low = stamp
         else:
@@ -1166,9 +1155,9 @@ class Pipeline:
             return
         backlog = self.backlog
         if backlog.full():
-            raise QueueFull("queue full, retry later")
+            raise RetryLater("queue full, retry later")
         if self.journal.full:
-            raise JournalFull("the journal's disk is full, retry later")
+            raise RetryLater("the journal's disk is full, retry later")
         seq = self.next_seq
         accepted = now_ms()
         try:
@@ -1497,11 +1486,6 @@ REPLICA_ENTRY_BYTES = 24  # three int64
 ORIGIN = INSTANCE_ID.encode()
 
 
-class InvalidBatch(HttpError):
-    status = b"400 Bad Request"
-    closes = False
-
-
 class PeerStream:
     """This instance's log as sent to one peer: how much of it the peer holds; and the ids
     accepted here that the peer has not been told yet."""
@@ -1638,25 +1622,25 @@ class Replication:
 
     # -- receiving ---------------------------------------------------------
     def receive(self, body):
-        """Apply one batch from a peer; the answer's body. InvalidBatch if malformed."""
+        """Apply one batch from a peer; the answer's body. InvalidRequest if malformed."""
         head, newline, payload = body.partition(b"\n")
         try:
             origin, epoch, offset, total, mine, count = head.split()
             epoch, offset, total, mine, count = int(epoch), int(offset), int(total), int(mine), int(count)
         except ValueError:
-            raise InvalidBatch("expected 'origin epoch offset total mine ids' and a newline") from None
+            raise InvalidRequest("expected 'origin epoch offset total mine ids' and a newline") from None
         at = len(payload) - 36 * count
         if not newline or count < 0 or at < 0 or at % REPLICA_ENTRY_BYTES:
-            raise InvalidBatch("entries must be whole int64 triples, then the ids")
+            raise InvalidRequest("entries must be whole int64 triples, then the ids")
         ids = [payload[i:i + 36] for i in range(at, len(payload), 36)]
         if not all(UUID_BYTES.fullmatch(cid) for cid in ids):
-            raise InvalidBatch("ids must be 36-byte correlationIds")
+            raise InvalidRequest("ids must be 36-byte correlationIds")
         entries = array.array("q")
         entries.frombytes(payload[:at])
         if origin == ORIGIN:
-            raise InvalidBatch("a peer has this instance's INSTANCE_ID")
+            raise InvalidRequest("a peer has this instance's INSTANCE_ID")
         if offset < 0 or offset + len(entries) // 3 > total or not all(p in (0, 1) for p in entries[::3]):
-            raise InvalidBatch("entries out of range")
+            raise InvalidRequest("entries out of range")
         if ids:  # accepted by the peer: a client's retry that reaches us is not forwarded again
             for cid in ids:
                 self.recent.add(cid)
@@ -1965,7 +1949,7 @@ class HttpConnection(asyncio.Protocol):
             # balancer may have given up on it and sent it to a peer, which took it. Taking
             # it here too could forward one payment twice: refuse it, it was never ours.
             # (Read before the first tick after the stall, or within a tick after it.)
-            return self.close_after(StalledInstance("this instance stalled; retry").response(close=True))
+            return self.close_after(RetryLater("this instance stalled; retry").response(close=True))
         if not self.request_since:
             self.request_since = self.active_at
         if not self.busy:
@@ -2034,7 +2018,7 @@ class HttpConnection(asyncio.Protocol):
             query = dict(parse_qsl(request.query.decode("latin-1")))
             low, high = int(query["from"]), int(query["to"])
         except (KeyError, ValueError):
-            raise InvalidQuery("from and to must be integers (ms)") from None
+            raise InvalidRequest("from and to must be integers (ms)") from None
         ledger = self.server.pipeline.ledger
         answer = b"%s %d %d %d %d %d" % (ORIGIN, ledger.epoch, *window_totals(ledger, low, high))
         return self.answer(response(b"200 OK", answer, b"text/plain", close=not keep), keep)
@@ -2048,7 +2032,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             epoch = int(dict(parse_qsl(request.query.decode("latin-1")))["epoch"])
         except (KeyError, ValueError):
-            raise InvalidQuery("epoch must be an integer") from None
+            raise InvalidRequest("epoch must be an integer") from None
         self.server.purge_local(epoch)
         return self.answer(PURGED[not keep], keep)
 
