@@ -464,20 +464,70 @@ def window_totals(ledger, low, high):
     return [*ledger.window(DEFAULT, low, high), *ledger.window(FALLBACK, low, high)]
 
 
+class RecentIds:
+    """The one memory of ids: the last REMEMBERED_IDS correlationIds accepted here or by a peer
+    (the journal keeps them across restarts: A and I records). One sent again (a client
+    retrying) is the same payment, answered 202 again and never queued, or forwarded, again."""
+    __slots__ = ("known", "order")
+
+    def __init__(self, ids=()):
+        self.reset(ids)
+
+    def reset(self, ids=()):
+        self.known = set()
+        self.order = deque()
+        for cid in ids:
+            self.add(cid)
+
+    def add(self, cid):
+        if cid not in self.known:
+            self.known.add(cid)
+            self.order.append(cid)
+            if len(self.order) > REMEMBERED_IDS:
+                self.known.discard(self.order.popleft())
+
+
+# The journal's records, one line each: the kind's letter, then its fields (integers, or a
+# correlationId), space-separated. Every writer encodes with record() and replay decodes with
+# read_record(), from this one table.
+RECORDS = {  # kind -> (format, meaning)
+    b"A": (b"A %d %s %d %d\n", "accepted: seq cid cents accepted_ms"),
+    b"S": (b"S %d %d %d\n", "about to send: seq processor requested_ms"),
+    b"C": (b"C %d %d %d %d\n", "confirmed: seq processor requested_ms cents"),
+    b"X": (b"X %d\n", "settled, not ours (a duplicate, or refused for good): seq"),
+    b"U": (b"U %d\n", "an attempt proved not stored, the payment unpinned: seq"),
+    b"P": (b"P %d\n", "purge, the ledger emptied: epoch"),
+    b"I": (b"I %s\n", "an id accepted here or by a peer, remembered (written by peers and compactions): cid"),
+    b"L": (b"L %d %d %d\n", "a confirmed payment, compacted: processor requested_ms cents"),
+}
+FIELD_TYPES = {kind: tuple(bytes if spec == b"%s" else int for spec in re.findall(rb"%[ds]", layout))
+               for kind, (layout, _) in RECORDS.items()}
+
+
+def record(kind, *fields):
+    """The bytes of one record: record(b"X", 12) -> b"X 12\n"."""
+    return RECORDS[kind][0] % fields
+
+
+def read_record(line):
+    """One line -> (kind, fields); ValueError if it is not a whole record of a known kind."""
+    parts = line.split()
+    types = FIELD_TYPES.get(parts[0] if parts else b"")
+    if types is None or len(parts) != len(types) + 1:
+        raise ValueError("unknown kind or wrong number of fields")
+    return parts[0], tuple(kind(part) for kind, part in zip(types, parts[1:]))
+
+
 class Journal:
-    """Append-only record of this instance; seq numbers its accepted payments, so two payments
-    with one correlationId never share a record. Lines (one record each, newline-terminated):
-    A seq cid cents accepted_ms   accepted        S seq proc requested_ms    about to send
-    C seq proc requested_ms cents confirmed       X seq   settled, not ours (duplicate, refused)
-    U seq    an attempt proved not stored: unpinned        P epoch   purge: ledger emptied
-    I cid    an id accepted by a peer (after a compaction: any id still remembered)
-    L proc requested_ms cents     a confirmed payment (compacted form)
-    A write that fails or lands short is cut back to the last whole record, so a later record
-    is never glued to a fragment; replay ignores a torn last line. JOURNAL_RESERVE_BYTES are
-    set aside on the disk beside it: when the disk fills, they are freed for the records of
-    payments already accepted, and the journal is `full` (refusing new ones) until the disk
-    has room for the reserve again."""
-    __slots__ = ("path", "fd", "end", "torn", "full", "compacted", "compacting", "remembered")
+    """Append-only record of this instance (RECORDS); seq numbers its accepted payments, so two
+    payments with one correlationId never share a record. A write that fails or lands short is
+    cut back to the last whole record, so a later record is never glued to a fragment; replay
+    ignores a torn last line. JOURNAL_RESERVE_BYTES are set aside on the disk beside it: when
+    the disk fills, they are freed for the records of payments already accepted, and the
+    journal is `full` (refusing new ones) until the disk has room for the reserve again. It
+    grows until compacted: rewritten as the state it holds (compaction()), at start and
+    whenever it has doubled."""
+    __slots__ = ("path", "fd", "end", "torn", "full", "compacted", "compacting")
 
     def __init__(self, path):
         self.path = path
@@ -487,11 +537,10 @@ class Journal:
         self.full = False  # the disk filled up: the reserve is spent
         self.compacted = 0  # size right after the last compaction
         self.compacting = False
-        self.remembered = deque(maxlen=REMEMBERED_IDS)  # ids of A and I records, from replay
 
-    def replay(self, ledger):
-        """Rebuild the ledger; return (pending payments {seq: [cid, cents, accepted_ms, pin]}
-        in order of acceptance, the next free seq)."""
+    def replay(self, ledger, recent):
+        """Rebuild the ledger and the remembered ids (a RecentIds); return (pending payments
+        {seq: [cid, cents, accepted_ms, pin]} in order of acceptance, the next free seq)."""
         pending, next_seq = {}, 0
         if not os.path.exists(self.path):
             return pending, next_seq
@@ -500,59 +549,47 @@ class Journal:
         if lines[-1]:
             log(f"journal ends in a torn record, ignored: {lines[-1][:80]!r}")
         for number, line in enumerate(lines[:-1], 1):
-            fields = line.split()
             try:
-                kind = fields[0]
-                if kind == b"L":
-                    ledger.record(int(fields[1]), int(fields[2]), int(fields[3]))
-                    continue
-                if kind == b"P":  # a purge; "P epoch" since replication, also heads a compaction
-                    ledger.clear(int(fields[1]) if len(fields) > 1 else None)
-                    self.remembered.clear()
-                    continue
-                if kind == b"I":
-                    self.remembered.append(fields[1])
-                    continue
-                seq = int(fields[1])
-                if kind == b"A":
-                    pending[seq] = [fields[2], int(fields[3]), int(fields[4]), None]
-                    self.remembered.append(fields[2])
-                    next_seq = max(next_seq, seq + 1)
-                elif kind == b"S" and seq in pending:
-                    pending[seq][3] = (int(fields[2]), int(fields[3]))
-                elif kind == b"C":
-                    ledger.record(int(fields[2]), int(fields[3]), int(fields[4]))
-                    pending.pop(seq, None)
-                elif kind == b"X":
-                    pending.pop(seq, None)
-                elif kind == b"U" and seq in pending:
-                    pending[seq][3] = None
-                elif kind not in (b"S", b"U"):
-                    raise ValueError(kind)
-            except (IndexError, ValueError):
+                kind, fields = read_record(line)
+            except ValueError:
                 log(f"journal line {number} unreadable, skipped: {line[:80]!r}")
+                continue
+            if kind == b"L":
+                ledger.record(*fields)
+            elif kind == b"P":  # a purge; also heads a compaction
+                ledger.clear(fields[0])
+                recent.reset()
+            elif kind == b"I":
+                recent.add(fields[0])
+            elif kind == b"A":
+                seq, cid, cents, accepted = fields
+                pending[seq] = [cid, cents, accepted, None]
+                recent.add(cid)
+                next_seq = max(next_seq, seq + 1)
+            elif kind == b"C":
+                ledger.record(*fields[1:])
+                pending.pop(fields[0], None)
+            elif kind == b"X":
+                pending.pop(fields[0], None)
+            elif fields[0] in pending:  # S pins, U unpins
+                pending[fields[0]][3] = fields[1:] if kind == b"S" else None
         return pending, next_seq
 
-    def open_compacted(self, ledger, pending):
-        """Rewrite the journal as the ledger plus the pending payments, then append to it.
-        If the rewrite fails (a full disk), append to the journal as it is instead."""
-        temporary = self.path + ".compact"
-        try:
-            with open(temporary, "wb") as out:
-                out.writelines(snapshot_records(ledger, pending, self.remembered))
-                out.flush()
-                os.fsync(out.fileno())
-            self.replace_with(temporary)
-        except OSError as error:
-            log(f"journal not compacted ({error}); appending to it as it is")
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+    def open(self):
+        """Open it for appending (created if missing); a torn last record is cut before the
+        next append."""
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         size = os.fstat(self.fd).st_size
         tail = os.pread(self.fd, 4096, max(0, size - 4096))
         self.end = self.compacted = size - len(tail) + tail.rfind(b"\n") + 1
-        self.torn = self.end != size  # a torn last record: cut before the next append
+        self.torn = self.end != size
         self.full = not self.make_reserve()
+
+    def open_compacted(self, ledger, pending, remembered=()):
+        """At start: open it and compact it at once (the same compaction as while running)."""
+        self.open()
+        for _ in self.compaction(ledger, pending, self.end, remembered, "at start"):
+            pass
 
     def replace_with(self, temporary):
         """Rename a complete, synced rewrite over the journal (and sync the directory)."""
@@ -568,11 +605,19 @@ class Journal:
         return not self.compacting and self.end > max(JOURNAL_COMPACT_BYTES, 2 * self.compacted)
 
     async def compact(self, ledger, pending, start, remembered=()):
-        """While running: write the state as it was when the journal ended at `start` (ledger:
-        a copy, pending payments) to a new file, JOURNAL_COMPACT_SLICE records per turn of the
-        loop; then, in one turn, add the records appended since, sync, and rename it over the
-        journal. A crash before the rename leaves the old journal whole; after it, the new one."""
+        """While running: compaction() one slice per turn of the loop."""
+        for _ in self.compaction(ledger, pending, start, remembered):
+            await asyncio.sleep(0)
+
+    def compaction(self, ledger, pending, start, remembered, when="while running"):
+        """Write the state as it was when the journal ended at `start` (ledger: a copy while
+        running, pending payments, remembered ids) to a new file, JOURNAL_COMPACT_SLICE records
+        per step (the caller may run the loop between steps); then, in one step, add the
+        records appended since, sync, and rename it over the journal. A crash before the
+        rename leaves the old journal whole; after it, the new one. If it fails (a full disk),
+        the journal goes on as it is."""
         temporary, fd = self.path + ".compact", -1
+        self.compacting = True
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             records = snapshot_records(ledger, pending, remembered)
@@ -581,7 +626,7 @@ class Journal:
                 if not chunk:
                     break
                 write_whole(fd, chunk)
-                await asyncio.sleep(0)
+                yield
             write_whole(fd, os.pread(self.fd, self.end - start, start))  # appended meanwhile
             os.fsync(fd)
             self.replace_with(temporary)
@@ -589,9 +634,9 @@ class Journal:
             self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o644)
             self.end = self.compacted = os.fstat(self.fd).st_size
             self.torn = False
-            log(f"journal compacted while running: {start} -> {self.end} bytes")
+            log(f"journal compacted {when}: {start} -> {self.end} bytes")
         except OSError as error:
-            log(f"journal not compacted: {error}")
+            log(f"journal not compacted ({error}); appending to it as it is")
             if os.path.exists(temporary):
                 os.unlink(temporary)
         finally:
@@ -654,20 +699,20 @@ class Journal:
 
 
 def snapshot_records(ledger, pending, remembered=()):
-    """The journal records that rebuild this state: the ledger's payments, the ids still
-    remembered, then the pending payments ({seq: [cid, cents, accepted_ms, pin]}) with their pins. The epoch (after a purge)
-    comes first, then the L lines in confirmation order, so a replay rebuilds the
-    confirmation log entry by entry: peers hold it by index (see Replication)."""
+    """The journal records that rebuild this state: the epoch (after a purge), the ledger's
+    payments as L records in confirmation order (so a replay rebuilds the confirmation log
+    entry by entry: peers hold it by index, see Replication), the ids still remembered, then
+    the pending payments ({seq: [cid, cents, accepted_ms, pin]}) with their pins."""
     if ledger.epoch:
-        yield b"P %d\n" % ledger.epoch
-    for processor, ms, cents in ledger.entries():
-        yield b"L %d %d %d\n" % (processor, ms, cents)
+        yield record(b"P", ledger.epoch)
+    for entry in ledger.entries():
+        yield record(b"L", *entry)
     for cid in remembered:
-        yield b"I %s\n" % cid
+        yield record(b"I", cid)
     for seq, (cid, cents, accepted, pin) in pending.items():
-        yield b"A %d %s %d %d\n" % (seq, cid, cents, accepted)
+        yield record(b"A", seq, cid, cents, accepted)
         if pin:
-            yield b"S %d %d %d\n" % (seq, pin[0], pin[1])
+            yield record(b"S", seq, *pin)
 
 
 def write_whole(fd, data):
@@ -699,28 +744,6 @@ class Backlog:
     def nearly_full(self):
         """Waiting to go anywhere past FALLBACK_QUEUE_FRACTION of the capacity."""
         return len(self.ready) >= QUEUE_CAPACITY * FALLBACK_QUEUE_FRACTION
-
-
-class RecentIds:
-    """The last REMEMBERED_IDS correlationIds accepted: one sent again (a client retrying) is
-    the same payment, answered 202 again and never queued, or forwarded, a second time."""
-    __slots__ = ("known", "order")
-
-    def __init__(self, ids=()):
-        self.reset(ids)
-
-    def reset(self, ids=()):
-        self.known = set()
-        self.order = deque()
-        for cid in ids:
-            self.add(cid)
-
-    def add(self, cid):
-        if cid not in self.known:
-            self.known.add(cid)
-            self.order.append(cid)
-            if len(self.order) > REMEMBERED_IDS:
-                self.known.discard(self.order.popleft())
 
 
 # ---------------------------------------------------------------------------
@@ -1120,13 +1143,15 @@ class Pipeline:
     """Backlog, lanes, ledger and journal: everything a payment passes through. Attempts
     start from pump(), which runs after anything that can let a payment move."""
 
-    def __init__(self, journal, ledger, pending=None, next_seq=0):
+    def __init__(self, journal, ledger, pending=None, next_seq=0, recent=None):
         """pending: payments replayed from the journal ({seq: [cid, cents, accepted_ms, pin]}),
         queued first, whatever their number: they were accepted, they are never dropped."""
         self.journal = journal
         self.ledger = ledger
         self.backlog = Backlog()
-        self.recent = RecentIds(itertools.chain(journal.remembered, (e[0] for e in (pending or {}).values())))
+        self.recent = recent or RecentIds()  # as replayed from the journal
+        for entry in (pending or {}).values():  # accepted before a purge, still ours
+            self.recent.add(entry[0])
         self.lanes = (Lane(DEFAULT, DEFAULT_PROCESSOR_URL), Lane(FALLBACK, FALLBACK_PROCESSOR_URL))
         self.next_seq = next_seq
         self.outboxes = []  # per peer: ids accepted here, to tell it (see Replication)
@@ -1161,7 +1186,7 @@ class Pipeline:
         seq = self.next_seq
         accepted = now_ms()
         try:
-            self.journal.append(b"A %d %s %d %d\n" % (seq, cid, cents, accepted))
+            self.journal.append(record(b"A", seq, cid, cents, accepted))
         except OSError as error:
             log(f"journal write failed: {error}")
             raise Unavailable("journal unavailable") from None
@@ -1285,7 +1310,7 @@ class Pipeline:
         """POST the payment; its outcome (one of ATTEMPT_OUTCOMES)."""
         seq, cid, cents, _ = payment
         try:
-            self.journal.append(b"S %d %d %d\n" % (seq, lane.index, requested))
+            self.journal.append(record(b"S", seq, lane.index, requested))
         except OSError as error:
             log(f"journal write failed: {error}")
             await asyncio.sleep(JOURNAL_RETRY_S)  # holding its slot: no retry loop meanwhile
@@ -1344,12 +1369,12 @@ class Pipeline:
             backlog.pins.pop(seq, None)
             if after is QUEUED:
                 backlog.ready.appendleft(payment)
-                self.journal_quietly(b"U %d\n" % seq)
+                self.journal_quietly(record(b"U", seq))
             elif after is CONFIRMED:
                 backlog.unsettled -= 1
                 lane.confirmed += 1
                 self.ledger.record(lane.index, requested, cents)
-                self.journal_quietly(b"C %d %d %d %d\n" % (seq, lane.index, requested, cents))
+                self.journal_quietly(record(b"C", seq, lane.index, requested, cents))
             else:  # NOT_OURS
                 backlog.unsettled -= 1
                 if outcome is REJECTED:
@@ -1357,7 +1382,7 @@ class Pipeline:
                     log(f"{PROCESSOR_NAMES[lane.index]} refused {cid.decode()} for good")
                 else:
                     self.duplicates += 1
-                self.journal_quietly(b"X %d\n" % seq)
+                self.journal_quietly(record(b"X", seq))
         if backlog.ready or backlog.pinned[DEFAULT] or backlog.pinned[FALLBACK]:
             self.pump_soon()  # a slot is free and something waits for one
 
@@ -1645,7 +1670,7 @@ class Replication:
             for cid in ids:
                 self.recent.add(cid)
             try:
-                self.journal.append(b"".join(b"I %s\n" % cid for cid in ids))
+                self.journal.append(b"".join(record(b"I", cid) for cid in ids))
             except OSError as error:  # remembered until a restart, then not: best effort
                 log(f"journal write failed: {error}")
         replica = self.replicas.get(origin)
@@ -1822,7 +1847,7 @@ class Server:
     def purge_local(self, epoch):
         self.replication.purge(epoch)
         self.pipeline.recent.reset(self.pipeline.pending_ids())
-        self.pipeline.journal_quietly(b"P %d\n" % epoch)
+        self.pipeline.journal_quietly(record(b"P", epoch))
         log(f"ledger and replicas purged: epoch {epoch}")
 
     async def ask_peers(self, method, path, headers):
@@ -2139,11 +2164,10 @@ ROUTES = {  # path -> (the one method it answers, handler)
 
 async def serve():
     loop = asyncio.get_running_loop()
-    ledger = Ledger()
-    journal = Journal(JOURNAL_PATH)
-    pending, next_seq = journal.replay(ledger)
-    journal.open_compacted(ledger, pending)
-    pipeline = Pipeline(journal, ledger, pending, next_seq)
+    ledger, journal, recent = Ledger(), Journal(JOURNAL_PATH), RecentIds()
+    pending, next_seq = journal.replay(ledger, recent)
+    journal.open_compacted(ledger, pending, list(recent.order))
+    pipeline = Pipeline(journal, ledger, pending, next_seq, recent)
     if pending:
         log(f"journal replayed: {len(pending)} payments requeued")
     peers = [Upstream(address, address) for address in PEERS.split(",") if address.strip()]
