@@ -722,28 +722,107 @@ def write_whole(fd, data):
 
 # ---------------------------------------------------------------------------
 # Queue
-# Accepted payments not yet settled, as immutable (seq, cid, cents, accepted_ms) tuples the
-# collector stops tracking: those free to go to either processor, oldest first, and per
-# processor those pinned to it. Capacity counts every unsettled payment, in flight too.
+# Accepted payments not yet settled, each a Payment in exactly one place of the Backlog:
+# free to go to either processor (oldest first), pinned to one, or under way. Capacity counts
+# every unsettled payment, in flight too.
 # ---------------------------------------------------------------------------
 
 
+class Payment:
+    """One accepted payment, from its A record until it is settled. `processor` and
+    `requested_ms` name the latest attempt (its S record); while that attempt may have landed,
+    the payment is pinned there (settle_from: when the pin's clock started) and goes again only
+    there, with the same requestedAt, so that a 422 can prove it ours."""
+    __slots__ = ("seq", "cid", "cents", "accepted_ms", "processor", "requested_ms", "settle_from")
+
+    def __init__(self, seq, cid, cents, accepted_ms, pin=None, settle_from=None):
+        self.seq, self.cid, self.cents, self.accepted_ms = seq, cid, cents, accepted_ms
+        self.processor, self.requested_ms = pin if pin else (None, None)
+        self.settle_from = settle_from if pin else None
+
+
 class Backlog:
-    __slots__ = ("ready", "pinned", "pins", "flying", "unsettled")
+    """Every unsettled payment is in exactly one place: `ready` (free to go anywhere, oldest
+    first), `pinned[p]` (waiting for processor p, where an attempt of it may have landed), or
+    `flying` (an attempt or a lookup under way, by seq). Only these methods move a payment;
+    check() proves the rule (the tests call it)."""
+    __slots__ = ("ready", "pinned", "flying")
 
     def __init__(self):
-        self.ready = deque()  # free to go anywhere
-        self.pinned = (deque(), deque())  # per processor: pinned to it, waiting for it
-        self.pins = {}  # seq -> (processor, requested_ms, settle_from) of an attempt that may land
-        self.flying = {}  # seq -> (payment, processor, requested_ms) of the attempt under way
-        self.unsettled = 0  # accepted, neither confirmed nor settled as not ours
+        self.ready = deque()
+        self.pinned = (deque(), deque())
+        self.flying = {}
+
+    def unsettled(self):
+        return len(self.ready) + len(self.pinned[DEFAULT]) + len(self.pinned[FALLBACK]) + len(self.flying)
 
     def full(self):
-        return self.unsettled >= QUEUE_CAPACITY
+        return self.unsettled() >= QUEUE_CAPACITY
 
     def nearly_full(self):
         """Waiting to go anywhere past FALLBACK_QUEUE_FRACTION of the capacity."""
         return len(self.ready) >= QUEUE_CAPACITY * FALLBACK_QUEUE_FRACTION
+
+    def add(self, payment):
+        """A payment accepted, or replayed: pinned where its pin says, else ready."""
+        (self.ready if payment.processor is None else self.pinned[payment.processor]).append(payment)
+
+    def fly(self, payment, processor, requested_ms):
+        """Out of its line (next_ready, next_pinned or unpin_for_lookup took it) to an attempt."""
+        payment.processor, payment.requested_ms = processor, requested_ms
+        self.flying[payment.seq] = payment
+
+    def next_ready(self):
+        return self.ready.popleft()
+
+    def next_pinned(self, processor):
+        return self.pinned[processor].popleft()
+
+    def take_pinned(self, payment):
+        """A pinned payment out of its line for a lookup; False if it has left it meanwhile."""
+        try:
+            self.pinned[payment.processor].remove(payment)
+        except ValueError:
+            return False
+        self.flying[payment.seq] = payment
+        return True
+
+    def land(self, payment, after, settle_from=None):
+        """An attempt or lookup ended: the payment is PINNED (settle_from: the pin's clock),
+        QUEUED again (free), or settled (CONFIRMED, NOT_OURS: gone)."""
+        del self.flying[payment.seq]
+        if after is PINNED:
+            payment.settle_from = settle_from
+            self.pinned[payment.processor].append(payment)
+        elif after is QUEUED:
+            payment.processor = payment.requested_ms = payment.settle_from = None
+            self.ready.appendleft(payment)
+
+    def pins(self):
+        """How many payments are pinned (waiting, or under an attempt that may land too)."""
+        return (len(self.pinned[DEFAULT]) + len(self.pinned[FALLBACK])
+                + sum(payment.settle_from is not None for payment in self.flying.values()))
+
+    def pending(self):
+        """Every unsettled payment as replay would rebuild it, in order of acceptance:
+        {seq: [cid, cents, accepted_ms, pin]}; one under way is pinned where its attempt went
+        (its S record says the same)."""
+        state = {}
+        for payment in itertools.chain(self.ready, *self.pinned, self.flying.values()):
+            pin = None if payment.processor is None else (payment.processor, payment.requested_ms)
+            state[payment.seq] = [payment.cid, payment.cents, payment.accepted_ms, pin]
+        return dict(sorted(state.items()))
+
+    def check(self):
+        """The rule above, or AssertionError: each payment in one place, its fields agreeing."""
+        seen = [payment.seq for payment in itertools.chain(self.ready, *self.pinned, self.flying.values())]
+        assert len(seen) == len(set(seen)) == self.unsettled(), "a payment in two places"
+        assert all(payment.processor is None and payment.settle_from is None for payment in self.ready)
+        for processor, waiting in enumerate(self.pinned):
+            assert all(payment.processor == processor and payment.requested_ms is not None
+                       and payment.settle_from is not None for payment in waiting)
+        assert all(seq == payment.seq and payment.processor is not None and payment.requested_ms is not None
+                   for seq, payment in self.flying.items())
 
 
 # ---------------------------------------------------------------------------
@@ -1163,13 +1242,8 @@ class Pipeline:
         self.wake_at = 0.0
         now = time.monotonic()
         for seq, (cid, cents, accepted, pin) in (pending or {}).items():
-            payment = (seq, cid, cents, accepted)
-            self.backlog.unsettled += 1
-            if pin:  # that attempt may have been under way at the crash: its clock restarts
-                self.backlog.pins[seq] = (pin[0], pin[1], now)
-                self.backlog.pinned[pin[0]].append(payment)
-            else:
-                self.backlog.ready.append(payment)
+            # a pin's attempt may have been under way at the crash: its clock restarts
+            self.backlog.add(Payment(seq, cid, cents, accepted, pin, now))
 
     # -- accepting ---------------------------------------------------------
     def accept(self, cid, cents):
@@ -1194,8 +1268,7 @@ class Pipeline:
         self.recent.add(cid)
         for outbox in self.outboxes:
             outbox += cid
-        backlog.ready.append((seq, cid, cents, accepted))
-        backlog.unsettled += 1
+        backlog.add(Payment(seq, cid, cents, accepted))
         self.accepted += 1
         self.pump_soon()
 
@@ -1226,13 +1299,12 @@ class Pipeline:
             lane.check_promise(now)
             waiting = backlog.pinned[lane.index]
             while waiting and lane.in_flight < lane.limit and lane.breaker.allows(now):
-                self.start(waiting.popleft(), lane, PINNED)
-        ready = backlog.ready
-        while ready:
+                self.start(backlog.next_pinned(lane.index), lane, PINNED)
+        while backlog.ready:
             lane = self.route(now)
             if lane is None:
                 break
-            self.start(ready.popleft(), lane, QUEUED)
+            self.start(backlog.next_ready(), lane, QUEUED)
         if self.in_flight() > in_flight:  # pacing counts the pumps that sent something
             self.pumped_at = now
         self.arm_wake(now)
@@ -1290,32 +1362,30 @@ class Pipeline:
     def start(self, payment, lane, state):
         """Hand a payment to an attempt; from this moment pending() sees it as under way."""
         lane.in_flight += 1
-        pin = self.backlog.pins.get(payment[0])
         # A pinned payment is re-sent with the same requestedAt, so a 422 can prove it ours.
-        requested = pin[1] if pin is not None else now_ms()
-        self.backlog.flying[payment[0]] = (payment, lane.index, requested)
-        asyncio.get_running_loop().create_task(self.attempt(payment, lane, state, requested))
+        self.backlog.fly(payment, lane.index, payment.requested_ms if state is PINNED else now_ms())
+        asyncio.get_running_loop().create_task(self.attempt(payment, lane, state))
 
-    async def attempt(self, payment, lane, state, requested):
+    async def attempt(self, payment, lane, state):
         outcome = CRASHED
         try:
-            outcome = await self.send(payment, lane, requested, state is PINNED)
+            outcome = await self.send(payment, lane, state is PINNED)
         except Exception as error:  # a bug must not strand the payment: the table settles it
-            log(f"attempt for {payment[1].decode()} failed unexpectedly: {error!r}")
+            log(f"attempt for {payment.cid.decode()} failed unexpectedly: {error!r}")
         finally:
             lane.in_flight -= 1
-            self.settle(payment, lane, state, outcome, requested)
+            self.settle(payment, lane, state, outcome)
 
-    async def send(self, payment, lane, requested, pinned):
+    async def send(self, payment, lane, pinned):
         """POST the payment; its outcome (one of ATTEMPT_OUTCOMES)."""
-        seq, cid, cents, _ = payment
+        requested = payment.requested_ms
         try:
-            self.journal.append(record(b"S", seq, lane.index, requested))
+            self.journal.append(record(b"S", payment.seq, lane.index, requested))
         except OSError as error:
             log(f"journal write failed: {error}")
             await asyncio.sleep(JOURNAL_RETRY_S)  # holding its slot: no retry loop meanwhile
             return JOURNAL_FAILED
-        body = PROCESSOR_BODY % (cid, cents_text(cents), iso_ms(requested))
+        body = PROCESSOR_BODY % (payment.cid, cents_text(payment.cents), iso_ms(requested))
         mark, status = lane.sending(time.monotonic()), None
         try:
             status, _ = await lane.upstream.request(b"POST", b"/payments", body, JSON_HEADER)
@@ -1330,7 +1400,7 @@ class Pipeline:
         if status == 422:  # stored already: by an earlier attempt of ours, or by someone else
             if not pinned:
                 return STORED_OTHER
-            found = await self.lookup(lane, cid, requested)
+            found = await self.lookup(lane, payment.cid, requested)
             return STORED_OURS if found is FOUND_OURS else STORED_OTHER if found is FOUND_OTHER else STORED_UNREAD
         if status == 429:
             lane.throttled()
@@ -1350,54 +1420,35 @@ class Pipeline:
             return UNCHECKED
         return FOUND_OURS if stored == requested else FOUND_OTHER
 
-    def settle(self, payment, lane, state, outcome, requested):
+    def settle(self, payment, lane, state, outcome):
         """Apply PAYMENT_TRANSITIONS: the one place a payment changes state after an attempt."""
         after, signal = PAYMENT_TRANSITIONS[state, outcome]
         now = time.monotonic()
         if signal is not NOTHING:
             lane.breaker.observe(signal, now)
             lane.failed += signal is FAILURE
-        seq, cid, cents, _ = payment
+        seq, requested = payment.seq, payment.requested_ms
+        earlier = payment.settle_from  # None: it was not pinned before this attempt
+        self.backlog.land(payment, after, now if earlier is None or outcome in MAY_LAND_LATER else earlier)
+        if after is QUEUED:
+            self.journal_quietly(record(b"U", seq))
+        elif after is CONFIRMED:
+            lane.confirmed += 1
+            self.ledger.record(lane.index, requested, payment.cents)
+            self.journal_quietly(record(b"C", seq, lane.index, requested, payment.cents))
+        elif after is NOT_OURS:
+            if outcome is REJECTED:
+                self.rejected += 1
+                log(f"{PROCESSOR_NAMES[lane.index]} refused {payment.cid.decode()} for good")
+            else:
+                self.duplicates += 1
+            self.journal_quietly(record(b"X", seq))
         backlog = self.backlog
-        backlog.flying.pop(seq, None)
-        if after is PINNED:
-            earlier = backlog.pins.get(seq)
-            settle_from = now if earlier is None or outcome in MAY_LAND_LATER else earlier[2]
-            backlog.pins[seq] = (lane.index, requested, settle_from)
-            backlog.pinned[lane.index].append(payment)
-        else:
-            backlog.pins.pop(seq, None)
-            if after is QUEUED:
-                backlog.ready.appendleft(payment)
-                self.journal_quietly(record(b"U", seq))
-            elif after is CONFIRMED:
-                backlog.unsettled -= 1
-                lane.confirmed += 1
-                self.ledger.record(lane.index, requested, cents)
-                self.journal_quietly(record(b"C", seq, lane.index, requested, cents))
-            else:  # NOT_OURS
-                backlog.unsettled -= 1
-                if outcome is REJECTED:
-                    self.rejected += 1
-                    log(f"{PROCESSOR_NAMES[lane.index]} refused {cid.decode()} for good")
-                else:
-                    self.duplicates += 1
-                self.journal_quietly(record(b"X", seq))
         if backlog.ready or backlog.pinned[DEFAULT] or backlog.pinned[FALLBACK]:
             self.pump_soon()  # a slot is free and something waits for one
 
     def pending(self):
-        """Every unsettled payment as replay would rebuild it, in order of acceptance;
-        one under way is pinned where its attempt went (its S record says the same)."""
-        backlog, state = self.backlog, {}
-        for payment in backlog.ready:
-            state[payment[0]] = [payment[1], payment[2], payment[3], None]
-        for waiting in backlog.pinned:
-            for payment in waiting:
-                state[payment[0]] = [payment[1], payment[2], payment[3], backlog.pins[payment[0]][:2]]
-        for payment, processor, requested in backlog.flying.values():
-            state[payment[0]] = [payment[1], payment[2], payment[3], (processor, requested)]
-        return dict(sorted(state.items()))
+        return self.backlog.pending()
 
     def pending_ids(self):
         return [entry[0] for entry in self.pending().values()]
@@ -1426,13 +1477,12 @@ class Pipeline:
             for lane in self.lanes:
                 if lane.breaker.state is CLOSED:
                     continue
-                waiting, pins = self.backlog.pinned[lane.index], self.backlog.pins
-                for payment in [p for p in waiting if now - pins[p[0]][2] >= PIN_SETTLE_S]:
-                    waiting.remove(payment)
-                    requested = pins[payment[0]][1]
-                    self.backlog.flying[payment[0]] = (payment, lane.index, requested)  # for pending()
-                    outcome = await self.lookup(lane, payment[1], requested)
-                    self.settle(payment, lane, PINNED, outcome, requested)
+                due = [p for p in self.backlog.pinned[lane.index] if now - p.settle_from >= PIN_SETTLE_S]
+                for payment in due:
+                    if not self.backlog.take_pinned(payment):  # sent again, or settled, meanwhile
+                        continue
+                    outcome = await self.lookup(lane, payment.cid, payment.requested_ms)
+                    self.settle(payment, lane, PINNED, outcome)
 
     async def poll_health(self, lane):
         """GET /payments/service-health every HEALTH_INTERVAL_S (shared limit: 1 per 5 s)."""
@@ -1467,8 +1517,8 @@ class Pipeline:
                     "keeps_promise": lane.keeping, "stored_latency_ms": round(lane.promise_latency * 1000, 3),
                     "ledger_requests": count, "ledger_amount": cents / 100}
         backlog = self.backlog
-        return {"queue": backlog.unsettled - self.in_flight(), "in_flight": self.in_flight(),
-                "pinned": len(backlog.pins), "accepted": self.accepted, "duplicates": self.duplicates,
+        return {"queue": backlog.unsettled() - self.in_flight(), "in_flight": self.in_flight(),
+                "pinned": backlog.pins(), "accepted": self.accepted, "duplicates": self.duplicates,
                 "rejected": self.rejected, "default": processor(self.lanes[DEFAULT]),
                 "fallback": processor(self.lanes[FALLBACK]), "journal_bytes": self.journal.size()}
 
@@ -1893,8 +1943,8 @@ class Server:
         metric("payments_not_ours_total", "counter", "Payments settled uncounted.",
                ('{reason="duplicate"}', pipeline.duplicates), ('{reason="rejected"}', pipeline.rejected))
         metric("queue_depth", "gauge", "Accepted payments waiting (pinned ones included).",
-               ("", pipeline.backlog.unsettled - pipeline.in_flight()))
-        metric("pinned", "gauge", "Payments pinned to a processor.", ("", len(pipeline.backlog.pins)))
+               ("", pipeline.backlog.unsettled() - pipeline.in_flight()))
+        metric("pinned", "gauge", "Payments pinned to a processor.", ("", pipeline.backlog.pins()))
         metric("in_flight", "gauge", "Attempts under way.", *[(labels, lane.in_flight) for labels, lane in lanes])
         metric("in_flight_limit", "gauge", "Attempts allowed at once.", *[(labels, lane.limit) for labels, lane in lanes])
         metric("processor_latency_seconds", "gauge", "Moving average of answered attempts.",
@@ -2205,7 +2255,7 @@ async def serve():
     gc.collect()
     gc.freeze()
     gc.callbacks.append(server.on_gc)
-    log(f"listening on {LISTEN}; peers: {PEERS or 'none'}; {pipeline.backlog.unsettled} payments requeued")
+    log(f"listening on {LISTEN}; peers: {PEERS or 'none'}; {pipeline.backlog.unsettled()} payments requeued")
     await stop
 
     log("stopping: no new connections; draining the queue")
@@ -2214,7 +2264,7 @@ async def serve():
         listener.close()
     server.sweep()
     deadline = loop.time() + SHUTDOWN_GRACE_S
-    while pipeline.backlog.unsettled and loop.time() < deadline:
+    while pipeline.backlog.unsettled() and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await server.replication.stop()
     pipeline.running = False
@@ -2224,7 +2274,7 @@ async def serve():
     await asyncio.gather(*tasks, return_exceptions=True)
     for upstream in (*(lane.upstream for lane in pipeline.lanes), *peers):
         upstream.close()
-    left = pipeline.backlog.unsettled
+    left = pipeline.backlog.unsettled()
     log(f"stopped; {left} payments left in the journal for the next start")
 
 
