@@ -4,9 +4,22 @@
 Clients POST /payments; the service journals the payment, answers 202 at once, and
 forwards it to the default payment processor (or, only when waiting costs more, to
 the fallback). GET /payments-summary reports exactly what the processors confirmed,
-for the whole backend. Read top to bottom, this file is the path of a payment:
-configuration, wire formats, HTTP parsing, ledger and journal, queue, processor
-client, router and breaker, server, main. Runtime dependencies: uvloop and orjson.
+for the whole backend. Runtime dependencies: uvloop and orjson.
+
+Where to start: read the sections in order; each is a step of a payment's path.
+  1. Configuration     every setting, read once from the environment.
+  2. Wire formats      a payment's time (ms) and amount (cents), to and from text.
+  3. HTTP parsing      parse_head, then parse_payment: a request becomes (cid, cents) or a 4xx.
+  4. Ledger, journal   Journal.append writes the A record before the 202; a confirmation
+                       ends as a C record and a Ledger entry (RECORDS: every record kind).
+  5. Queue             Payment and Backlog: where an accepted payment waits, in one place.
+  6. Processor client  Upstream.request: the keep-alive HTTP client that carries it.
+  7. Router, breaker   Pipeline.accept -> pump -> route -> attempt -> send -> settle: its whole
+                       life, decided by PAYMENT_TRANSITIONS and BREAKER_TRANSITIONS.
+  8. Replication       how its confirmation reaches the other instances.
+  9. Server            HttpConnection.post_payment, where the request arrived, calls steps
+                       3-7; get_summary answers for the whole backend.
+ 10. Main              start-up (replay the journal), the tick, a graceful stop.
 """
 import array
 import asyncio
