@@ -90,11 +90,13 @@ PROMISE_MARGIN_S = env_float("PROMISE_MARGIN_S", 1.5)
 PROMISE_HEADROOM_S = env_float("PROMISE_HEADROOM_S", 0.25)
 PROMISE_HOLD_S = env_float("PROMISE_HOLD_S", 1.0)
 SUSPECT_MIN_S = env_float("SUSPECT_MIN_S", 0.1)
+PROBE_INTERVAL_S = env_float("PROBE_INTERVAL_S", 0.25)
 PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
 PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
 HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
 PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
 PEER_SUMMARY_TIMEOUT_S = env_float("PEER_SUMMARY_TIMEOUT_S", 0.25)
+SUMMARY_WAIT_S = env_float("SUMMARY_WAIT_S", 1.0)
 TICK_S = env_float("TICK_S", 0.1)
 STALL_S = env_float("STALL_S", 0.8)
 REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.25)
@@ -1174,7 +1176,7 @@ class Lane:
     suspiciously long: over max(SUSPECT_MIN_S, 3 x that latency), which stops new sends here
     at once until the answers say how slow it has become."""
     __slots__ = ("index", "upstream", "breaker", "in_flight", "limit", "ceiling", "latency", "confirmed",
-                 "failed", "outstanding", "promise_latency", "promise_sent", "keeping", "slow_since")
+                 "failed", "outstanding", "promise_latency", "promise_sent", "keeping", "slow_since", "probe_at")
 
     def __init__(self, index, url):
         self.index = index
@@ -1191,6 +1193,7 @@ class Lane:
         self.promise_sent = 0.0  # when that attempt was sent
         self.keeping = True  # whether the lane keeps the promise, as of the latest pump
         self.slow_since = None  # when a working lane was first seen breaking it; None while keeping
+        self.probe_at = 0.0  # while it breaks it: when the next probe may go (Pipeline.route)
 
     def sending(self, now):
         """An attempt goes out now: its mark, for answered()."""
@@ -1335,8 +1338,11 @@ class Pipeline:
             if fallback.in_flight < fallback.limit and fallback.breaker.allows(now):
                 return fallback
             return None
-        # Working, but too slow to keep the promise: one probe at a time learns when it is fast again.
-        if default.in_flight == 0:
+        # Working, but too slow to keep the promise: probes learn when it is fast again. One at a
+        # time; or one every PROBE_INTERVAL_S while the summaries wait for its stores (landed()).
+        if default.in_flight == 0 or (now >= default.probe_at and
+                                      default.promise_latency < PROMISE_MARGIN_S + SUMMARY_WAIT_S):
+            default.probe_at = now + PROBE_INTERVAL_S
             return default
         slow_for = now - default.slow_since
         if fallback.keeping and fallback.breaker.state is CLOSED:
@@ -1462,6 +1468,17 @@ class Pipeline:
 
     def pending(self):
         return self.backlog.pending()
+
+    async def landed(self, low, high):
+        """Wait, at most SUMMARY_WAIT_S, until no attempt is under way whose requestedAt lies in
+        [low, high] and is PROMISE_MARGIN_S old: a processor slower than the margin stores such
+        a payment inside a window the promise covers, and a summary answered before its answer
+        would miss what the processor's own summary, asked just after, counts."""
+        high = min(high, now_ms() - int(PROMISE_MARGIN_S * 1000))
+        deadline = time.monotonic() + SUMMARY_WAIT_S
+        flying = self.backlog.flying
+        while time.monotonic() < deadline and any(low <= p.requested_ms <= high for p in flying.values()):
+            await asyncio.sleep(0.005)
 
     def pending_ids(self):
         return [entry[0] for entry in self.pending().values()]
@@ -1863,22 +1880,31 @@ class Server:
     # -- endpoints ---------------------------------------------------------
     async def summary(self, low, high):
         """The whole backend's totals: the own ledger; each peer's own ledger as the peer
-        answers now (GET /internal/summary, within PEER_SUMMARY_TIMEOUT_S); for a peer that
-        does not answer in time, this instance's replica of its log (see Replication). So an
-        answer counts every confirmation any answering instance held when it was asked, and
-        never counts less than the answer before it while every instance answers."""
+        answers now (GET /internal/summary, within PEER_SUMMARY_TIMEOUT_S + SUMMARY_WAIT_S);
+        for a peer that does not answer in time, this instance's replica of its log (see
+        Replication). So an answer counts every confirmation any answering instance held when
+        it was asked, and never counts less than the answer before it while every instance
+        answers. Each instance first waits for its own attempts that may still store inside
+        the window that the promise covers (Pipeline.landed)."""
         path = b"/internal/summary?from=%d&to=%d" % (low, high)
         asked = self.peers if PEER_SUMMARY_TIMEOUT_S > 0 else ()  # 0: the replicas alone
-        answers = await asyncio.gather(*(self.ask_fresh(peer, path) for peer in asked))
+        *answers, _ = await asyncio.gather(*(self.ask_fresh(peer, path) for peer in asked),
+                                           self.pipeline.landed(low, high))
         totals = self.totals(low, high, dict(answer for answer in answers if answer is not None))
         return SUMMARY_BODY % (totals[0], cents_text(totals[1]), totals[2], cents_text(totals[3]))
+
+    async def own_summary(self, low, high):
+        """GET /internal/summary's answer: "origin epoch count cents count cents" of the own ledger."""
+        await self.pipeline.landed(low, high)
+        ledger = self.pipeline.ledger
+        return b"%s %d %d %d %d %d" % (ORIGIN, ledger.epoch, *window_totals(ledger, low, high))
 
     async def ask_fresh(self, peer, path):
         """(origin, [default count, cents, fallback count, cents]) of a peer's own ledger now, or
         None if it does not answer within PEER_SUMMARY_TIMEOUT_S or is at another epoch."""
         try:
-            status, body = await asyncio.wait_for(
-                peer.request(b"GET", path, b"", b"", PEER_SUMMARY_TIMEOUT_S), PEER_SUMMARY_TIMEOUT_S)
+            timeout = PEER_SUMMARY_TIMEOUT_S + SUMMARY_WAIT_S  # it may wait for its attempts
+            status, body = await asyncio.wait_for(peer.request(b"GET", path, b"", b"", timeout), timeout)
             origin, epoch, *numbers = body.split()
             if status != 200 or int(epoch) != self.pipeline.ledger.epoch or len(numbers) != 4:
                 return None
@@ -2107,9 +2133,7 @@ class HttpConnection(asyncio.Protocol):
             low, high = int(query["from"]), int(query["to"])
         except (KeyError, ValueError):
             raise InvalidRequest("from and to must be integers (ms)") from None
-        ledger = self.server.pipeline.ledger
-        answer = b"%s %d %d %d %d %d" % (ORIGIN, ledger.epoch, *window_totals(ledger, low, high))
-        return self.answer(response(b"200 OK", answer, b"text/plain", close=not keep), keep)
+        return self.answer_later(self.server.own_summary(low, high), request, keep)
 
     def post_purge(self, request, body, keep):
         return self.answer_later(self.server.purge(request), request, keep, PURGED)
