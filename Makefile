@@ -1,4 +1,5 @@
-# Two commands do everything: `make run` and `make test` (see README.md).
+# Two commands do everything: `make run` and `make test` (see README.md). The bench tools are
+# modules of the package bench/, run from here as `python -m bench.<tool>`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -24,7 +25,7 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 run load: export PURGE_TOKEN ?= local-arena
 
 run: $(VENV)/.dev
-	$(BIN)/python bench/arena.py
+	$(BIN)/python -m bench.arena
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q test_rinha.py bench/
@@ -32,13 +33,13 @@ test: $(VENV)/.dev
 # Variables read by the scripts (see README): load: MAX_REQUESTS, DURATION_S, PHASES, AMOUNTS,
 # TRACE; bench: the same and CAPACITY, LB; scenarios: SCENARIOS, MAX_REQUESTS, DURATION_S, TRACE, LB.
 load: $(VENV)/.dev
-	$(BIN)/python bench/load.py
+	$(BIN)/python -m bench.load
 
 bench: $(VENV)/.dev
-	$(BIN)/python bench/bench.py
+	$(BIN)/python -m bench.bench
 
 scenarios: $(VENV)/.dev
-	$(BIN)/python bench/scenarios.py
+	$(BIN)/python -m bench.scenarios
 
 # The compose stack on a real Docker engine (bench/docker.py): engine installed and dockerd
 # started when missing, left running on :9999 for `make load`. `make docker-down IMAGES=1`
@@ -46,18 +47,18 @@ scenarios: $(VENV)/.dev
 docker: export PURGE_TOKEN ?= local-arena
 
 docker: | $(BIN)/python
-	$(BIN)/python bench/docker.py up
+	$(BIN)/python -m bench.docker up
 
 docker-down: | $(BIN)/python
-	$(BIN)/python bench/docker.py down $(if $(IMAGES),--images)
+	$(BIN)/python -m bench.docker down $(if $(IMAGES),--images)
 
 clean:
 	rm -rf $(VENV) bench/out run
 
 # A seeded chaos run (bench/chaos.py): make chaos SEED=42 [DURATION=180]
 chaos: $(VENV)/.dev
-	$(BIN)/python bench/chaos.py $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
+	$(BIN)/python -m bench.chaos $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
 
 # A soak under the limits (bench/soak.py, not in make test): make soak [DURATION=600] [RATE=280]
 soak: $(VENV)/.dev
-	$(BIN)/python bench/soak.py $(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--rate $(RATE))
+	$(BIN)/python -m bench.soak $(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--rate $(RATE))

@@ -530,6 +530,8 @@ def read_record(line):
     types = FIELD_TYPES.get(parts[0] if parts else b"")
     if types is None or len(parts) != len(types) + 1:
         raise ValueError("unknown kind or wrong number of fields")
+    if bytes not in types:  # most records: integers only, converted at C speed
+        return parts[0], tuple(map(int, parts[1:]))
     return parts[0], tuple(kind(part) for kind, part in zip(types, parts[1:]))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The native stack: what docker-compose.yml runs, without docker.
 
-`python bench/arena.py` (`make run`) starts
+`python -m bench.arena` (`make run`) starts
 
 - two payment processor emulators (bench/processor.py) on 127.0.0.1:8001
   (default, fee 0.05) and :8002 (fallback, fee 0.15), admin token from
@@ -37,24 +37,22 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import (INSTANCES, LB_SERVICE, PROCESSOR, REPO, RINHA, children_map, free_port,  # noqa: F401
+                          http_request, instance_health, proc_tree_stats, read_text, tcp_open, which)
+
 COMPOSE_FILE = REPO / "docker-compose.yml"
-RINHA = REPO / "rinha.py"
-PROCESSOR = REPO / "bench" / "processor.py"
 
 # What the compose file describes and the arena mirrors (checked by
-# bench/test_deploy.py against docker-compose.yml).
-LB_SERVICE = "load-balancer"
-INSTANCES = ("api1", "api2")
+# bench/test_deploy.py against docker-compose.yml), with LB_SERVICE and INSTANCES.
 LB_CONFIGS = {"haproxy": "haproxy.cfg", "nginx": "nginx.conf"}
 # Environment the load balancer configs read.
 LB_ENV_KEYS = ("LB_HOST", "LB_PORT", "SOCKET_DIR")
@@ -154,66 +152,9 @@ def render_template(text: str, env: dict) -> str:
 # Small helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def http_request(address: str, method: str, path: str, body=None, headers=None, timeout=2.0):
-    """One request to `http://host:port` or `unix:/path.sock`; returns (status, body bytes)."""
-    if address.startswith("unix:"):
-        conn = _UnixHTTPConnection(address[5:], timeout)
-    else:
-        hostport = address.split("://", 1)[-1].rstrip("/")
-        host, _, port = hostport.rpartition(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        hdrs = dict(headers or {})
-        if body is not None and not isinstance(body, (bytes, str)):
-            import json
-
-            body = json.dumps(body)
-            hdrs.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def _tcp_open(host, port, timeout=0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _find_binary(name):
-    path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
-    return shutil.which(name, path=path)
-
-
 def ensure_lb_binary(lb: str, log=print) -> str:
     """The haproxy/nginx executable; installed with apt-get when missing and root."""
-    exe = _find_binary(lb)
+    exe = which(lb)
     if exe:
         return exe
     if os.geteuid() != 0:
@@ -224,7 +165,7 @@ def ensure_lb_binary(lb: str, log=print) -> str:
     with open("/tmp/rinha-arena-apt.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent arenas install one at a time
         for updated in (False, True):
-            exe = _find_binary(lb)
+            exe = which(lb)
             if exe:
                 return exe
             if updated:
@@ -233,61 +174,14 @@ def ensure_lb_binary(lb: str, log=print) -> str:
             for pkgs in packages:
                 log(f"arena: {lb} is missing; apt-get install -y {' '.join(pkgs)}")
                 r = subprocess.run(apt + ["install", "-y", "-q"] + pkgs, env=env, check=False)
-                exe = _find_binary(lb)
+                exe = which(lb)
                 if r.returncode == 0 and exe:
                     return exe
     raise ArenaError(f"could not install {lb} with apt-get")
 
 
-def _proc_tree_stats(root_pid: int, ppids: dict):
-    """(cpu seconds, rss bytes, peak rss bytes) of a process and its descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    todo, seen = [root_pid], set()
-    cpu = rss = hwm = 0.0
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            # utime stime cutime cstime are fields 14-17 (index 11-14 after the name)
-            cpu += sum(int(x) for x in fields[11:15]) / tick
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("VmHWM:"):
-                    hwm += int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            continue
-        todo.extend(ppids.get(pid, ()))
-    return cpu, int(rss), int(hwm)
-
-
-def _children_map() -> dict:
-    out = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[ppid].append(int(entry))
-    return out
-
-
 # --------------------------------------------------------------------------
 # cgroup v1
-
-
-def _read(path, default=None):
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return default
 
 
 def _write(path, value):
@@ -392,21 +286,21 @@ class Cgroups:
     @staticmethod
     def read_stats(dirs) -> dict:
         cpu_stat = {}
-        for line in (_read(dirs["cpu"] / "cpu.stat", "") or "").splitlines():
+        for line in (read_text(dirs["cpu"] / "cpu.stat", "") or "").splitlines():
             k, _, v = line.partition(" ")
             if v.strip().isdigit():
                 cpu_stat[k] = int(v)
-        usage = _read(dirs["cpuacct"] / "cpuacct.usage")
-        quota = _read(dirs["cpu"] / "cpu.cfs_quota_us")
-        limit = _read(dirs["memory"] / "memory.limit_in_bytes")
+        usage = read_text(dirs["cpuacct"] / "cpuacct.usage")
+        quota = read_text(dirs["cpu"] / "cpu.cfs_quota_us")
+        limit = read_text(dirs["memory"] / "memory.limit_in_bytes")
         return {
             "cpu_usage_s": int(usage) / 1e9 if usage and usage.isdigit() else None,
             "nr_periods": cpu_stat.get("nr_periods"),
             "nr_throttled": cpu_stat.get("nr_throttled"),
             "throttled_time_s": cpu_stat["throttled_time"] / 1e9 if "throttled_time" in cpu_stat else None,
-            "memory_usage_bytes": int(_read(dirs["memory"] / "memory.usage_in_bytes", "0")),
-            "memory_max_usage_bytes": int(_read(dirs["memory"] / "memory.max_usage_in_bytes", "0")),
-            "memory_failcnt": int(_read(dirs["memory"] / "memory.failcnt", "0")),
+            "memory_usage_bytes": int(read_text(dirs["memory"] / "memory.usage_in_bytes", "0")),
+            "memory_max_usage_bytes": int(read_text(dirs["memory"] / "memory.max_usage_in_bytes", "0")),
+            "memory_failcnt": int(read_text(dirs["memory"] / "memory.failcnt", "0")),
             "cpu_limit": int(quota) / CFS_PERIOD_US if quota and quota.lstrip("-").isdigit() and int(quota) > 0 else None,
             "memory_limit_bytes": int(limit) if limit and limit.isdigit() else None,
         }
@@ -414,7 +308,7 @@ class Cgroups:
     def pids(self) -> set[int]:
         out = set()
         for d in self._created:
-            for line in (_read(d / "cgroup.procs", "") or "").split():
+            for line in (read_text(d / "cgroup.procs", "") or "").split():
                 if line.isdigit():
                     out.add(int(line))
         return out
@@ -553,7 +447,10 @@ class Arena:
 
     Arena(lb_port=9999, default_port=8001, fallback_port=8002, run_dir=None,
           lb=None, limits=True, env=None, start_timeout=60.0, output=None,
-          processor_args=(), instance_script=RINHA)
+          processor_args=(), instance_command=(RINHA,))
+
+    Arena.on_free_ports(log_path, ...) is the same on free ports in a temporary run
+    directory, its output written to log_path; stop() removes both.
 
     - a port of 0 picks a free one (read it back from .lb_port etc.);
     - run_dir: sockets, journals, rendered configs (default <repo>/run);
@@ -565,8 +462,9 @@ class Arena:
       PROCESSOR_TOKEN, tuning knobs for the instances);
     - output: callable(str) for the prefixed log lines (default: stdout), or
       False to keep them only in memory (.tail(name)).
-    - instance_script: what runs as api1 and api2 (bench/floor.py puts
-      bench/null_instance.py there to measure the stack with instances that do nothing).
+    - instance_command: the interpreter's arguments for api1 and api2, run from the
+      repository's root (bench/floor.py puts bench/floors.py's NULL_INSTANCE there to
+      measure the stack with instances that do nothing).
     """
 
     def __init__(
@@ -581,7 +479,7 @@ class Arena:
         start_timeout=60.0,
         output=None,
         processor_args=(),
-        instance_script=RINHA,
+        instance_command=(RINHA,),
     ):
         self.base_env = dict(os.environ)
         self.base_env.update({k: str(v) for k, v in (env or {}).items()})
@@ -603,9 +501,9 @@ class Arena:
         self.limits = limits
         self.start_timeout = float(start_timeout)
         self.processor_args = [str(a) for a in processor_args]
-        self.instance_script = Path(instance_script)
+        self.instance_command = [str(a) for a in instance_command]
         self._output = output
-        self._out_lock = threading.Lock()
+        self._out_lock = threading.RLock()  # re-entered by a signal handler that logs (main())
         self.token = self.base_env.get("PROCESSOR_TOKEN") or "123"
 
         self.default_port = self.fallback_port = None
@@ -631,6 +529,23 @@ class Arena:
         self._started = False
         self._knobs = compose_knobs()
         self._warned_mode = set()
+        self._cleanup = []  # run at the end of stop(): see on_free_ports
+
+    @classmethod
+    def on_free_ports(cls, log_path, run_prefix="rinha-arena-", **kw):
+        """An Arena on free ports in a new temporary run directory (short: unix socket paths),
+        its output written to log_path; stop() closes the log and removes the directory."""
+        run_dir = Path(tempfile.mkdtemp(prefix=run_prefix))
+        log = open(log_path, "w")
+
+        def output(line):
+            log.write(line + "\n")
+            log.flush()
+
+        arena = cls(lb_port=0, default_port=0, fallback_port=0, run_dir=run_dir, output=output, **kw)
+        arena.log_path = Path(log_path)
+        arena._cleanup += [log.close, lambda: shutil.rmtree(run_dir, ignore_errors=True)]
+        return arena
 
     # -- addresses and environments (also used by bench/test_deploy.py)
 
@@ -718,8 +633,9 @@ class Arena:
         self.stop()
 
     def _start(self):
-        if not self.instance_script.exists():
-            raise ArenaError(f"{self.instance_script} does not exist")
+        script = Path(self.instance_command[0])
+        if not self.instance_command[0].startswith("-") and not script.exists():
+            raise ArenaError(f"{script} does not exist")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         longest = max(len(str(self.socket_path(n))) for n in INSTANCES)
         if longest > 100:
@@ -727,7 +643,7 @@ class Arena:
         lb_exe = ensure_lb_binary(self.lb, self.log)
         for what, port in (("load balancer", self.lb_port), ("processor-default", self.default_port),
                            ("processor-fallback", self.fallback_port)):
-            if port is not None and _tcp_open("127.0.0.1", port, 0.2):
+            if port is not None and tcp_open("127.0.0.1", port, 0.2):
                 raise ArenaError(f"port {port} for the {what} is already in use (another arena running?)")
         self._setup_limits()
         py = sys.executable
@@ -755,7 +671,7 @@ class Arena:
             env = dict(self.base_env)
             env.update(self.instance_env(name))
             sock = self.socket_path(name)
-            child = self._add(name, [py, self.instance_script], env, "instance", service=name, before_start=lambda s=sock: _unlink(s))
+            child = self._add(name, [py, *self.instance_command], env, "instance", service=name, before_start=lambda s=sock: _unlink(s))
             child.start()
         for name in INSTANCES:
             self._wait_instance(name)
@@ -851,6 +767,23 @@ class Arena:
         status, _ = http_request(f"unix:{self.socket_path(name)}", "GET", "/health", timeout=2.0)
         return 100 <= status < 600
 
+    def health(self, name, timeout=2.0):
+        """An instance's GET /health as a dict; None when it does not answer 200."""
+        return instance_health(self.socket_path(name), timeout)
+
+    def wait_drained(self, timeout_s, fields=("queue", "in_flight"), poll_s=0.05):
+        """Until every instance's /health reports 0 for each of `fields` (what it accepted is
+        settled). -> (seconds waited, or None when timeout_s passed first; {instance: last
+        health, or None when it did not answer})."""
+        started = time.monotonic()
+        while True:
+            healths = {name: self.health(name) for name in INSTANCES}
+            if all(h and all(h[f] == 0 for f in fields) for h in healths.values()):
+                return time.monotonic() - started, healths
+            if time.monotonic() - started > timeout_s:
+                return None, healths
+            time.sleep(poll_s)
+
     def _wait_instance(self, name, timeout=None):
         self._wait(name, lambda: self._instance_answers(name), f"{name} answering on {self.socket_path(name)}", timeout)
         self._check_socket_mode(name)
@@ -912,7 +845,7 @@ class Arena:
         if child.kind == "lb":
             return self._lb_ready()
         port = self.default_port if child.name == "processor-default" else self.fallback_port
-        return _tcp_open("127.0.0.1", port)
+        return tcp_open("127.0.0.1", port)
 
     def kill_instance(self, name, wait=True, timeout=30.0):
         """SIGKILL a child (an instance, or also "load-balancer", "processor-default",
@@ -971,6 +904,8 @@ class Arena:
             _unlink(self.socket_path(name))
         if self._started:
             self.log(f"arena stopped ({time.monotonic() - t0:.1f}s)")
+        for cleanup in self._cleanup:
+            cleanup()
 
     # -- measurements
 
@@ -1001,14 +936,14 @@ class Arena:
         else:
             out.update({k: None for k in keys})
             out["services"] = {}
-        ppids = _children_map()
+        ppids = children_map()
         procs = {}
         with self._lock:
             children = dict(self.children)
         for name, c in children.items():
             info = {"pid": c.pid, "alive": c.alive(), "restarts": c.restarts, "cpu_s": None, "rss_bytes": None, "peak_rss_bytes": None}
             if c.alive():
-                info["cpu_s"], info["rss_bytes"], info["peak_rss_bytes"] = _proc_tree_stats(c.pid, ppids)
+                info["cpu_s"], info["rss_bytes"], info["peak_rss_bytes"] = proc_tree_stats(c.pid, ppids)
             procs[name] = info
         out["processes"] = procs
         return out
@@ -1022,6 +957,22 @@ class Arena:
                 _write(dirs["memory"] / "memory.max_usage_in_bytes", 0)
             except OSError:
                 pass
+
+
+def start_measured(arena, log, error=RuntimeError, unlimited="", announce=True):
+    """Start an arena made by Arena.on_free_ports for a measurement, telling log(...) so (with
+    announce) and when its limits were asked for but could not be applied (adding what that
+    leaves out: `unlimited`). Returns it; raises error("the stack did not start: ...") when it
+    does not start."""
+    if announce:
+        log(f"starting the stack (lb={arena.lb}, limits 1.5 CPU / 350 MB; log {arena.log_path})")
+    try:
+        arena.start()
+    except ArenaError as exc:
+        raise error(f"the stack did not start: {exc}") from None
+    if arena.limits and not arena.limits_applied:
+        log(f"WARNING: resource limits not applied ({arena.limits_reason}){unlimited}")
+    return arena
 
 
 def _unlink(path):

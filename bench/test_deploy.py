@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import arena  # noqa: E402
+from bench import arena
+from bench.common import tcp_open
+from bench.floors import NULL_INSTANCE
 
 ROOT = arena.REPO
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
@@ -555,9 +556,19 @@ def test_summary_through_both_instances_after_peer_restart(haproxy_arena):
     for _ in range(4):  # round robin: both instances open their peer connections
         _summary(a)
     a.kill_instance("api2", wait=True, timeout=30)
-    time.sleep(0.3)
-    for _ in range(4):
-        _summary(a)
+    cid = str(uuid.uuid4())
+    status, body = arena.http_request(a.url, "POST", "/payments", body={"correlationId": cid, "amount": 19.9}, timeout=5)
+    assert 200 <= status < 300, (status, body)
+    # Once confirmed, it is counted once by each instance: four summaries in a row (round robin).
+    deadline = time.monotonic() + 10
+    while True:
+        summaries = [_summary(a) for _ in range(4)]
+        counts = [(s["default"]["totalRequests"] + s["fallback"]["totalRequests"],
+                   s["default"]["totalAmount"] + s["fallback"]["totalAmount"]) for s in summaries]
+        if counts == [(1, 19.9)] * 4:
+            break
+        assert time.monotonic() < deadline, f"the payment is not counted by every instance: {counts}"
+        time.sleep(0.1)
 
 
 def test_the_null_instance_stands_in_for_rinha_behind_the_real_load_balancer(tmp_path):
@@ -565,10 +576,10 @@ def test_the_null_instance_stands_in_for_rinha_behind_the_real_load_balancer(tmp
     _need_arena_files()
     a = arena.Arena(lb_port=0, default_port=0, fallback_port=0, run_dir=tmp_path / "run",
                     env={"DEFAULT_PROCESSOR_URL": "", "FALLBACK_PROCESSOR_URL": ""},
-                    instance_script=arena.REPO / "bench" / "null_instance.py", output=False)
+                    instance_command=NULL_INSTANCE, output=False)
     a.start()
     try:
-        assert all(a.children[name].argv[1].endswith("null_instance.py") for name in arena.INSTANCES)
+        assert all(a.children[name].argv[1:] == list(NULL_INSTANCE) for name in arena.INSTANCES)
         for _ in range(4):  # both instances, round-robin, on kept-alive server connections
             status, _ = arena.http_request(a.url, "POST", "/payments",
                                            body={"correlationId": str(uuid.uuid4()), "amount": 19.9}, timeout=5)
@@ -619,7 +630,7 @@ def test_arena_stats_and_cleanup(tmp_path):
 
 
 def test_arena_main_stops_on_sigterm(tmp_path):
-    """`python bench/arena.py` prints 'arena ready' and stops everything on SIGTERM."""
+    """`python -m bench.arena` prints 'arena ready' and stops everything on SIGTERM."""
     _need_arena_files()
     port = arena.free_port()
     env = dict(os.environ, LB_PORT=str(port), ARENA_RUN_DIR=str(tmp_path / "run"), ARENA_LIMITS="0")
@@ -629,7 +640,7 @@ def test_arena_main_stops_on_sigterm(tmp_path):
                              stderr=subprocess.DEVNULL) for p, fee in ((dport, "0.05"), (fport, "0.15"))]
     env["DEFAULT_PROCESSOR_URL"] = f"http://127.0.0.1:{dport}"
     env["FALLBACK_PROCESSOR_URL"] = f"http://127.0.0.1:{fport}"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "arena.py")], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "bench.arena"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -655,7 +666,7 @@ def test_arena_main_stops_on_sigterm(tmp_path):
         lines.append(out)
         assert proc.returncode == 0, "".join(lines)
         assert "arena stopped" in out
-        assert not arena._tcp_open("127.0.0.1", port)
+        assert not tcp_open("127.0.0.1", port)
     finally:
         if proc.poll() is None:
             proc.kill()

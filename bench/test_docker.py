@@ -10,26 +10,22 @@ scenario through the load balancer, the limits and users Docker applied, the jou
 volume, an instance SIGKILLed and restarted by the restart policy, `docker stop` of an instance
 with a backlog, and the image built once.
 """
+import contextlib
 import json
 import os
 import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import arena  # noqa: E402
-import docker as engine  # noqa: E402  (bench/docker.py, not the Docker SDK)
+from bench import arena
+from bench import docker as engine  # bench/docker.py, not the Docker SDK
+from bench.common import BENCH, REPO
 
 PHASES = BENCH / "phases" / "short.json"
 DURATION_S = 20
@@ -193,25 +189,31 @@ def test_journals_land_on_their_volume(stack):
         assert journal.stat().st_uid == INSTANCE_UID
 
 
-def test_sigkilled_instance_is_restarted_by_the_restart_policy_and_loses_nothing(stack):
+@contextlib.contextmanager
+def backlog(stack):
+    """BACKLOG payments queued in the instances (the processors failing) for the block; then the
+    processors healthy again, and every one of them stored once in the end."""
     purge_all(stack)
     set_failing(stack, True)
     try:
         post_payments(stack, BACKLOG)
-        before = stack.inspect("api1")
-        os.kill(before["State"]["Pid"], signal.SIGKILL)  # the instance process, from the host
-        after = wait_restarted(stack, "api1", before["State"]["Pid"], before["RestartCount"])
-        assert after["State"]["Running"]
+        yield
     finally:
         set_failing(stack, False)
     assert wait_settled(stack, BACKLOG) == (BACKLOG, BACKLOG), stack.logs_tail()
 
 
+def test_sigkilled_instance_is_restarted_by_the_restart_policy_and_loses_nothing(stack):
+    with backlog(stack):
+        before = stack.inspect("api1")
+        os.kill(before["State"]["Pid"], signal.SIGKILL)  # the instance process, from the host
+        after = wait_restarted(stack, "api1", before["State"]["Pid"], before["RestartCount"])
+        assert after["State"]["Running"]
+
+
 def test_docker_stop_with_a_backlog_exits_0_within_the_grace(stack):
-    purge_all(stack)
-    set_failing(stack, True)
-    try:
-        post_payments(stack, BACKLOG)
+    # What api1 could not deliver before stopping was journaled and goes out after the start.
+    with backlog(stack):
         container = stack.container("api1")
         info = stack.inspect("api1")
         # Docker's grace (stop_grace_period, else 10 s) must outlast rinha.py's drain.
@@ -226,10 +228,6 @@ def test_docker_stop_with_a_backlog_exits_0_within_the_grace(stack):
         assert not state["OOMKilled"]
         engine.docker("start", container)
         stack.wait_ready()
-    finally:
-        set_failing(stack, False)
-    # What api1 could not deliver before stopping was journaled and goes out after the start.
-    assert wait_settled(stack, BACKLOG) == (BACKLOG, BACKLOG), stack.logs_tail()
 
 
 def test_compose_builds_the_image_once(stack):

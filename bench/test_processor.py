@@ -269,21 +269,25 @@ def test_duplicate_correlation_id_gets_422_and_is_stored_once(emu):
 
 
 async def _concurrent_posts(address, bodies):
+    """POSTs them all at once; returns (status, sent, answered) for each, monotonic seconds."""
     async def one(body):
         reader, writer = await asyncio.open_connection(*address)
+        sent = time.monotonic()
         writer.write(build("POST", "/payments", body))
         status = int((await reader.readline()).split()[1])
+        answered = time.monotonic()
         writer.close()
-        return status
+        return status, sent, answered
     return await asyncio.gather(*(one(body) for body in bodies))
 
 
 def test_concurrent_duplicates_store_once_one_200_and_the_rest_422(emu):
     assert admin(emu, "PUT", "/admin/configurations/delay", {"delay": 200}).json()["is"] == 200
     cid = str(uuid.uuid4())
-    started = time.monotonic()
-    statuses = asyncio.run(_concurrent_posts(emu.address, [payment_body(cid)] * 5))
-    assert time.monotonic() - started < 1.0          # they overlapped in the delay
+    results = asyncio.run(_concurrent_posts(emu.address, [payment_body(cid)] * 5))
+    statuses = [status for status, _, _ in results]
+    # They overlapped in the delay: all five were sent before the first answer came.
+    assert max(sent for _, sent, _ in results) < min(answered for _, _, answered in results)
     assert sorted(statuses) == [200, 422, 422, 422, 422]
     assert count(emu) == 1
 
@@ -380,9 +384,11 @@ def test_beyond_800_in_flight_and_500_waiting_payments_get_429(emu):
     rejected = [elapsed for status, elapsed in results if status == 429]
     served = sorted(elapsed for status, elapsed in results if status == 200)
     assert len(rejected) == 100 and len(served) == 1300
-    assert max(rejected) < 0.9                        # refused at once, not after the delay
-    assert served[0] >= 0.95 and served[799] < 1.8    # 800 ran right away
-    assert served[800] >= 1.8                         # 500 waited for a free slot
+    assert max(rejected) < served[0]                  # refused at once, before any delay ended
+    # Two waves a delay apart: the 800 that ran right away, then the 500 that waited for a slot.
+    gaps = [later - earlier for earlier, later in zip(served, served[1:])]
+    assert gaps.index(max(gaps)) == 799 and max(gaps) >= 0.5
+    assert served[0] >= 0.95 and served[800] >= 1.8
     assert count(emu) == 1300
 
 
@@ -415,7 +421,7 @@ def test_health_allows_one_call_per_window_queues_two_and_refuses_the_rest(fresh
     emu = fresh("--health-window-s", "1")
     first = time.monotonic()
     assert call(emu, "GET", "/payments/service-health").status == 200
-    assert time.monotonic() - first < 0.5             # the first call is answered at once
+    at_once = time.monotonic() - first
     # the next call waits for the next window; its answer marks a window start
     for _ in range(3):
         started = time.monotonic()
@@ -423,15 +429,15 @@ def test_health_allows_one_call_per_window_queues_two_and_refuses_the_rest(fresh
         waited = time.monotonic() - started
         if waited > 0.05:
             break
-    assert 0.05 < waited <= 1.2
+    assert waited > 0.05 and at_once < waited         # the first call was answered without that wait
     # right after a window start whose call is used: 2 wait, the others get 429
     results = asyncio.run(_timed_gets(emu.address, "/payments/service-health", 4))
     refused = [elapsed for status, elapsed in results if status == 429]
     answered = sorted(elapsed for status, elapsed in results if status == 200)
-    assert len(refused) == 2 and max(refused) < 0.5
+    assert len(refused) == 2 and max(refused) < min(answered)  # refused at once, before any window
     assert len(answered) == 2
-    assert 0.8 <= answered[0] <= 1.25                 # the next window
-    assert 1.8 <= answered[1] <= 2.25                 # the window after (1 call per window)
+    assert answered[0] >= 0.8                         # the next window
+    assert answered[1] >= 1.8 and answered[1] - answered[0] >= 0.8  # the window after (1 call per window)
     response = call(emu, "GET", "/payments/service-health")
     assert response.status in (200, 429)              # whatever the window, it is answered
 
@@ -851,18 +857,14 @@ def test_signal_stops_the_emulator_with_exit_status_0(signum):
     client = Client(emu.address)
     client.send(build("POST", "/payments", payment_body(uuid.uuid4())))   # still in its delay
     time.sleep(0.1)
-    started = time.monotonic()
     assert emu.stop(signum) == 0
-    assert time.monotonic() - started < 3
+    assert client.closed_by_peer()                    # it did not wait out the payment's delay
     client.close()
 
 
+
 def test_main_is_importable_and_parses_the_documented_options():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import processor
-    finally:
-        sys.path.pop(0)
+    from bench import processor
     assert callable(processor.main)
     args = processor.parse_args(["--port", "8001", "--fee", "0.05", "--unix", "/tmp/x.sock",
                                  "--token", "t", "--base-latency-ms", "2",

@@ -13,21 +13,17 @@ import json
 import re
 import secrets
 import shutil
-import sys
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
+from bench.common import BENCH, REPO
+
 PHASES = BENCH / "phases" / "short.json"
 DURATION_S = 20
 MAX_REQUESTS = 100
-
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
 
 
 def fallback_hold_s():
@@ -55,9 +51,9 @@ def scenario(tmp_path_factory):
         pytest.skip("rinha.py does not exist yet")
     if not (BENCH / "arena.py").exists():
         pytest.skip("bench/arena.py does not exist yet")
-    from arena import Arena
-    from load import arena_targets, run_load
-    from tailtrace import arena_targets as trace_targets
+    from bench.arena import Arena
+    from bench.load import arena_targets, run_load
+    from bench.tailtrace import arena_targets as trace_targets
 
     tmp = tmp_path_factory.mktemp("scenario")
     run_dir = Path("/tmp") / f"rinha-scenario-{secrets.token_hex(4)}"  # short: unix socket paths
@@ -193,14 +189,14 @@ def phase(at_s, default=(0, False), fallback=(0, False)):
 
 
 def test_oracle_sends_everything_to_a_healthy_default():
-    from oracle import oracle
+    from bench.oracle import oracle
     out = oracle([10, 20], [10_000, 30_000], [phase(0)], FEES, end_s=2.5)
     assert out["profit"] == pytest.approx(400.00 * 0.95)
     assert out["routing"]["default"]["payments"] == 30
 
 
 def test_oracle_uses_the_fallback_once_the_default_never_comes_back():
-    from oracle import oracle
+    from bench.oracle import oracle
     schedule = [phase(0), phase(1, default=(0, True))]
     out = oracle([10, 10, 10], [1000, 2000, 3000], schedule, FEES, end_s=3.0)
     assert out["profit"] == pytest.approx(10.00 * 0.95 + 50.00 * 0.85)
@@ -208,7 +204,7 @@ def test_oracle_uses_the_fallback_once_the_default_never_comes_back():
 
 
 def test_oracle_waits_for_the_default_when_it_recovers_before_the_end():
-    from oracle import oracle
+    from bench.oracle import oracle
     schedule = [phase(0), phase(1, default=(0, True)), phase(2)]
     out = oracle([10, 10, 10], [1000, 2000, 3000], schedule, FEES, end_s=3.0)
     assert out["profit"] == pytest.approx(60.00 * 0.95)
@@ -216,7 +212,7 @@ def test_oracle_waits_for_the_default_when_it_recovers_before_the_end():
 
 
 def test_oracle_earns_nothing_for_payments_no_processor_can_take_before_the_end():
-    from oracle import oracle
+    from bench.oracle import oracle
     schedule = [phase(0), phase(2, default=(0, True), fallback=(0, True))]
     out = oracle([10, 10, 10], [1000, 2000, 3000], schedule, FEES, end_s=3.0)
     assert out["profit"] == pytest.approx(30.00 * 0.95)
@@ -224,7 +220,7 @@ def test_oracle_earns_nothing_for_payments_no_processor_can_take_before_the_end(
 
 
 def test_oracle_counts_a_slow_processor_800_in_flight_at_most():
-    from oracle import oracle
+    from bench.oracle import oracle
     # Default 1 s per payment: 800 per second of sending; a send must land before the end (4 s).
     schedule = [phase(0, default=(1000, False))]
     out = oracle([0, 0, 2000, 0], [0, 0, 200_000, 0], schedule, FEES, end_s=4.0)
@@ -233,7 +229,7 @@ def test_oracle_counts_a_slow_processor_800_in_flight_at_most():
 
 
 def test_oracle_knows_a_payment_fails_if_the_processor_fails_when_its_delay_ends():
-    from oracle import oracle
+    from bench.oracle import oracle
     # Default 1 s per payment and failing from 5 s: sends from 4 s on land in the failure.
     schedule = [phase(0, default=(1000, False)), phase(5, default=(1000, True))]
     out = oracle([0, 0, 0, 0, 10, 0, 0], [0, 0, 0, 0, 1000, 0, 0], schedule, FEES, end_s=7.0)
@@ -242,7 +238,7 @@ def test_oracle_knows_a_payment_fails_if_the_processor_fails_when_its_delay_ends
 
 
 def test_oracle_counts_a_processor_as_usable_only_while_its_delay_keeps_the_promise():
-    from oracle import oracle
+    from bench.oracle import oracle
     # Default 1.5 s (the check's margin) from 1 s to 2 s: sends then would land inside windows
     # already checked; payments of second 1 wait for the default's return at 2 s instead.
     schedule = [phase(0), phase(1, default=(1500, False)), phase(2)]
@@ -253,7 +249,7 @@ def test_oracle_counts_a_processor_as_usable_only_while_its_delay_keeps_the_prom
 
 
 def test_oracle_gives_scarce_capacity_to_the_payments_with_fewest_options():
-    from oracle import oracle
+    from bench.oracle import oracle
     # Second 0: the default fails, the fallback takes anything. Second 1: the fallback fails and
     # the default (500 ms per payment) can store the sends of [1, 1.5) before the end at 2 s:
     # 800 of them. Second 1's payments have only the default: it must go to them, and second
@@ -266,7 +262,7 @@ def test_oracle_gives_scarce_capacity_to_the_payments_with_fewest_options():
 
 
 def test_oracle_for_result_ignores_phases_the_test_never_reached():
-    from oracle import oracle_for_result
+    from bench.oracle import oracle_for_result
     result = {"teardown_ok": True, "net": 19.0, "duration_s": 2, "fee_rates": FEES,
               "accepted_by_sec": [1, 1, 0], "accepted_cents_by_sec": [1000, 1000, 0],
               "schedule": [phase(0), phase(2, default=(0, True))],  # not applied: at_s >= DURATION_S
@@ -282,7 +278,7 @@ def test_oracle_for_result_ignores_phases_the_test_never_reached():
 # ---------------------------------------------------------------------------
 
 def test_trace_digest_puts_each_request_in_its_second_and_finds_the_slowest(tmp_path):
-    from tailtrace import digest, plot
+    from bench.tailtrace import digest, plot
     start_ms = 1_000_000_000
     points = tmp_path / "k6-points.csv"
     lines = ["metric_name,timestamp,metric_value,expected_response,name,status,extra_tags,metadata"]
@@ -321,11 +317,11 @@ def test_trace_digest_puts_each_request_in_its_second_and_finds_the_slowest(tmp_
 
 
 # ---------------------------------------------------------------------------
-# RESULTS.md tables and the capacity search (bench/bench.py, bench/capacity.py).
+# RESULTS.md tables and the capacity search (bench/results.py, bench/capacity.py).
 # ---------------------------------------------------------------------------
 
 def test_insert_row_goes_to_the_end_of_its_own_table(tmp_path):
-    from bench import insert_row
+    from bench.results import insert_row
     path = tmp_path / "RESULTS.md"
     path.write_text("# Results\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n## Other\n\n| x |\n| --- |\n| 9 |\n")
     insert_row("| 3 | 4 |", "| a | b |", path=path)
@@ -338,7 +334,7 @@ def test_insert_row_goes_to_the_end_of_its_own_table(tmp_path):
 
 
 def test_capacity_is_the_highest_step_with_every_step_below_it_sustained():
-    from capacity import sustained_rate
+    from bench.capacity import sustained_rate
 
     def step(rate, p99, failed=0, done=1.0):
         return {"rate": rate, "requests": int(rate * 5 * done), "p99_ms": p99, "failed": failed}
