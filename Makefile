@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test load bench scenarios chaos soak clean docker docker-down
+.PHONY: run test test-fast load bench scenarios chaos soak clean docker docker-down
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -29,6 +29,11 @@ run: $(VENV)/.dev
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q test_rinha.py bench/
+
+# The tests that start no process (rinha.py, emulators, haproxy, k6, Docker): the `slow`
+# marker, given in conftest.py, leaves the others out. A few seconds.
+test-fast: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -m "not slow" test_rinha.py bench/
 
 # Variables read by the scripts (see README): load: MAX_REQUESTS, DURATION_S, PHASES, AMOUNTS,
 # TRACE; bench: the same and CAPACITY, LB; scenarios: SCENARIOS, MAX_REQUESTS, DURATION_S, TRACE, LB.
