@@ -228,73 +228,32 @@ class HttpError(Exception):
                         extra=self.extra, close=close or self.closes)
 
 
-# One class per distinct answer: status, whether the connection closes, extra header lines.
-class MalformedRequest(HttpError):  # the stream can no longer be trusted
-    status = b"400 Bad Request"
+# One class per distinct answer (status, whether the connection closes, extra header lines),
+# one line each. Framing errors close: the stream can no longer be trusted.
+class MalformedRequest(HttpError): status = b"400 Bad Request"
+class HeadersTooLarge(HttpError): status = b"431 Request Header Fields Too Large"
+class BodyTooLarge(HttpError): status = b"413 Content Too Large"
+class LengthRequired(HttpError): status = b"411 Length Required"
+class TransferEncodingNotSupported(HttpError): status = b"501 Not Implemented"
+class VersionNotSupported(HttpError): status = b"505 HTTP Version Not Supported"
+class RequestTimeout(HttpError): status = b"408 Request Timeout"
+class InvalidRequest(HttpError): status, closes = b"400 Bad Request", False  # a bad body or query
+class NotFound(HttpError): status, closes = b"404 Not Found", False
+class Forbidden(HttpError): status, closes = b"403 Forbidden", False
+class Unavailable(HttpError): status, closes = b"503 Service Unavailable", False
+class PeerUnavailable(HttpError): status, closes = b"502 Bad Gateway", False
 
 
-class HeadersTooLarge(HttpError):
-    status = b"431 Request Header Fields Too Large"
-
-
-class BodyTooLarge(HttpError):
-    status = b"413 Content Too Large"
-
-
-class LengthRequired(HttpError):
-    status = b"411 Length Required"
-
-
-class TransferEncodingNotSupported(HttpError):
-    status = b"501 Not Implemented"
-
-
-class VersionNotSupported(HttpError):
-    status = b"505 HTTP Version Not Supported"
-
-
-class RequestTimeout(HttpError):
-    status = b"408 Request Timeout"
-
-
-class InvalidRequest(HttpError):  # a well-framed request with a bad body or query
-    status = b"400 Bad Request"
-    closes = False
-
-
-class NotFound(HttpError):
-    status = b"404 Not Found"
-    closes = False
+class RetryLater(HttpError):  # full queue, full disk, a stalled instance: nothing was taken
+    status, closes, extra = b"503 Service Unavailable", False, b"Retry-After: 1\r\n"
 
 
 class MethodNotAllowed(HttpError):
-    status = b"405 Method Not Allowed"
-    closes = False
+    status, closes = b"405 Method Not Allowed", False
 
     def __init__(self, allow):
         super().__init__("method not allowed")
         self.extra = b"Allow: %s\r\n" % allow
-
-
-class Forbidden(HttpError):
-    status = b"403 Forbidden"
-    closes = False
-
-
-class RetryLater(HttpError):  # full queue, full disk, a stalled instance: nothing was taken
-    status = b"503 Service Unavailable"
-    closes = False
-    extra = b"Retry-After: 1\r\n"
-
-
-class Unavailable(HttpError):  # the journal cannot be written, too many connections
-    status = b"503 Service Unavailable"
-    closes = False
-
-
-class PeerUnavailable(HttpError):
-    status = b"502 Bad Gateway"
-    closes = False
 
 
 class Request:
@@ -1207,14 +1166,14 @@ class Lane:
         """An attempt ended: status None if no answer came. An answer teaches the in-flight
         limit; a stored one (200 or 422) also when stores land."""
         started, mark[0] = mark[0], None
-        outstanding = self.outstanding
-        while outstanding and outstanding[0][0] is None:
-            outstanding.popleft()
-        if status is None:
-            return
         seconds = now - started
         if (status == 200 or status == 422) and started >= self.promise_sent:  # the freshest evidence
             self.promise_sent, self.promise_latency = started, seconds
+        outstanding = self.outstanding  # attempts sent before the freshest evidence tell nothing more
+        while outstanding and (outstanding[0][0] is None or outstanding[0][0] <= self.promise_sent):
+            outstanding.popleft()
+        if status is None:
+            return
         self.latency += (seconds - self.latency) * LATENCY_WEIGHT
         self.ceiling = min(IN_FLIGHT_CAP, self.ceiling + 1)
         target = max(IN_FLIGHT_MIN, math.ceil(FORWARD_RATE * (self.latency + FORWARD_BATCH_S)))

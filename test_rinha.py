@@ -1026,9 +1026,14 @@ def test_a_lane_keeps_the_promise_only_while_stores_land_within_the_margin():
     assert not lane.check_promise(110.0 + rinha.SUSPECT_MIN_S * 1.1)
     lane.answered(mark, 110.5, None)  # no answer: it leaves the outstanding ones
     assert lane.check_promise(110.6) and not lane.outstanding
+    stale = lane.sending(120.0)  # sent while it was slow, still out...
+    answer(lane, 120.5, 0.005)  # ...but a later one answered at once: the stale one tells nothing more
+    assert lane.check_promise(122.0)
+    lane.answered(stale, 122.5, 200)  # its own answer, late, is older evidence than the fast one
+    assert lane.check_promise(122.6) and lane.promise_latency == pytest.approx(0.005)
     lane.breaker.state = rinha.OPEN  # a lane that is down is the breaker's business, not slow
-    answer(lane, 111.0, 2.0)
-    assert not lane.check_promise(114.0) and lane.slow_since is None
+    answer(lane, 123.0, 2.0)
+    assert not lane.check_promise(126.0) and lane.slow_since is None
 
 
 def test_the_router_moves_off_a_slow_default_after_the_hold_probing_it_and_returns_when_it_is_fast():
