@@ -1771,8 +1771,12 @@ def test_what_a_hung_instance_reads_when_it_resumes_is_refused_not_accepted_a_se
         thread.join()
     assert all(wait_until(lambda: drained(instance), timeout=10) for instance in instances)
     healths = [instance.health() for instance in instances]
-    assert sum(h["accepted"] for h in healths) == len(answered) > 100, healths
-    assert sum(h["duplicates"] for h in healths) == 0
+    # A request the hung instance had taken (journaled) but not yet answered when it stopped is
+    # re-sent by haproxy too: its second copy is taken by the other, before either can know.
+    # At most one per client; each second copy is settled by the processor's 422, never stored.
+    extra = sum(h["accepted"] for h in healths) - len(answered)
+    assert len(answered) > 100 and 0 <= extra <= len(threads), healths
+    assert sum(h["duplicates"] for h in healths) == extra
     assert default.summary()["totalRequests"] == len(answered)
     assert all(default.stored(cid) for cid in answered[::10])
 
