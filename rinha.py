@@ -1427,9 +1427,6 @@ class Pipeline:
         if backlog.ready or backlog.pinned[DEFAULT] or backlog.pinned[FALLBACK]:
             self.pump_soon()  # a slot is free and something waits for one
 
-    def pending(self):
-        return self.backlog.pending()
-
     async def landed(self, low, high):
         """Wait, at most SUMMARY_WAIT_S, until no attempt is under way whose requestedAt lies in
         [low, high] and is PROMISE_MARGIN_S old: a processor slower than the margin stores such
@@ -1442,13 +1439,13 @@ class Pipeline:
             await asyncio.sleep(0.005)
 
     def pending_ids(self):
-        return [entry[0] for entry in self.pending().values()]
+        return [entry[0] for entry in self.backlog.pending().values()]
 
     def compact_if_due(self):
         journal = self.journal
         if journal.due_for_compaction():
             journal.compacting = True  # the state and the offset it matches, taken together:
-            work = journal.compact(self.ledger.copy(), self.pending(), journal.end, list(self.recent.order))
+            work = journal.compact(self.ledger.copy(), self.backlog.pending(), journal.end, list(self.recent.order))
             asyncio.get_running_loop().create_task(work)
 
     def journal_quietly(self, line):

@@ -921,7 +921,7 @@ def test_a_payment_handed_to_an_attempt_not_yet_running_stays_in_the_snapshot_a_
         pipeline.accept(b"cid", 1990)
         pipeline.pump()  # off the queue, to an attempt whose task has not run yet
         assert not pipeline.backlog.ready
-        snapshot = pipeline.pending()
+        snapshot = pipeline.backlog.pending()
         pipeline.running = False
         return snapshot
     (seq, (cid, cents, _, pin)), = asyncio.run(run()).items()
@@ -942,7 +942,7 @@ def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_wri
         checker = asyncio.ensure_future(pipeline.check_pins())
         await asyncio.sleep(0.3)
         assert not pipeline.backlog.pinned[rinha.DEFAULT]  # out of its line: being looked up
-        snapshot = pipeline.pending()
+        snapshot = pipeline.backlog.pending()
         pipeline.running = False
         checker.cancel()
         return snapshot
