@@ -1818,11 +1818,12 @@ def test_a_hung_instance_is_taken_out_by_the_balancer_and_payments_keep_their_an
     assert wait_until(lambda: all(i.health()["accepted"] >= 50 for i in (survivor, victim)))  # both take some
     victim.process.popen.send_signal(signal.SIGSTOP)
     stopped = time.monotonic()
-    totals, taken = [], []  # the survivor's summary (both instances), and (when, its own accepted)
+    totals, taken = [], []  # the survivor's summary (both instances), and (read from, its own accepted, read until)
     while time.monotonic() < stopped + 3:  # hung for 3 s
         summary = survivor.summary()  # answers, the victim's replica standing in for it
         totals.append(summary["default"]["totalRequests"] + summary["fallback"]["totalRequests"])
-        taken.append((time.monotonic(), survivor.health()["accepted"]))
+        before = time.monotonic()
+        taken.append((before, survivor.health()["accepted"], time.monotonic()))
         time.sleep(0.05)  # the poll's period
     victim.process.popen.send_signal(signal.SIGCONT)
     assert wait_until(lambda: accepted(victim) > 0)  # resumed
@@ -1834,7 +1835,9 @@ def test_a_hung_instance_is_taken_out_by_the_balancer_and_payments_keep_their_an
     assert totals == sorted(totals) and totals[-1] > totals[0], totals  # it went on confirming
     # Out of the balancer (its checks take it out within a second), the hung one got nothing:
     # every payment answered between then and its resumption was taken by the survivor.
-    (since, first), (until, last) = next(t for t in taken if t[0] > stopped + 1.5), taken[-1]
+    # A count read between `before` and `after` holds every payment accepted before `before` and
+    # none accepted after `after`: the window starts after the first read and ends before the last.
+    (_, first, since), (until, last, _) = next(t for t in taken if t[0] > stopped + 1.5), taken[-1]
     answered_then = sum(since <= started and started + seconds <= until for started, seconds, _ in outcomes)
     assert last - first >= answered_then > 50, (last - first, answered_then)
     assert wait_until(lambda: drained(survivor) and drained(victim))
