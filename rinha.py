@@ -33,8 +33,10 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from urllib.parse import parse_qsl
@@ -44,85 +46,91 @@ import uvloop
 
 # ---------------------------------------------------------------------------
 # Configuration
-# Every limit and knob, read once from the environment at start-up. README.md's
+# Every limit and knob is a field of one frozen Config, read once from the environment
+# (Config.from_env: the field's name in capitals) and passed to what uses it. README.md's
 # configuration table lists each one with its default and meaning.
 # ---------------------------------------------------------------------------
 
 
-def env_str(name, default):
-    return os.environ.get(name, default)
+@dataclass(frozen=True, slots=True)
+class Config:
+    instance_id: str = "api"
+    listen: str = "0.0.0.0:8080"
+    peers: str = ""
+    default_processor_url: str = "http://payment-processor-default:8080"
+    fallback_processor_url: str = "http://payment-processor-fallback:8080"
+    journal_path: str = "./api.journal"  # from_env: ./{INSTANCE_ID}.journal
+    journal_fsync: int = 0
+    journal_reserve_bytes: int = 1 << 20
+    journal_retry_s: float = 0.5
+    journal_compact_bytes: int = 16 << 20
+    journal_compact_slice: int = 2000
+    purge_token: str = ""
+    queue_capacity: int = 100_000
+    remembered_ids: int = 200_000
+    in_flight_min: int = 4
+    in_flight_cap: int = 650
+    forward_rate: float = 2000.0
+    forward_batch_s: float = 0.05
+    latency_weight: float = 0.2
+    processor_timeout_s: float = 10.0
+    breaker_failures: int = 3
+    breaker_retry_s: float = 0.25
+    fallback_after_s: float = 25.0
+    fallback_queue_fraction: float = 0.8
+    promise_margin_s: float = 1.5
+    promise_headroom_s: float = 0.25
+    promise_hold_s: float = 1.0
+    suspect_min_s: float = 0.1
+    probe_interval_s: float = 0.25
+    pin_settle_s: float = 30.0
+    pin_check_interval_s: float = 1.0
+    health_interval_s: float = 10.0
+    peer_timeout_s: float = 2.0
+    peer_summary_timeout_s: float = 0.25
+    summary_wait_s: float = 1.0
+    tick_s: float = 0.1
+    stall_s: float = 0.8
+    replica_interval_s: float = 0.25
+    replica_heartbeat_s: float = 1.0
+    replica_batch: int = 500
+    replica_ready_max_s: float = 3.0
+    shutdown_grace_s: float = 10.0
+    max_header_bytes: int = 8192
+    max_body_bytes: int = 16384
+    max_connections: int = 2048
+    read_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    linger_s: float = 2.0
+    linger_bytes: int = 4 << 20
+    max_amount: Decimal = Decimal("1000000000")
 
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        """The defaults, overridden by each NAME set in the environment; SystemExit if one is malformed."""
+        values = {}
+        for field in fields(cls):
+            text = environ.get(field.name.upper())
+            if text is not None:
+                try:
+                    values[field.name] = type(field.default)(text)
+                except (ValueError, ArithmeticError):
+                    raise SystemExit(f"{field.name.upper()}={text!r}: not a valid {type(field.default).__name__}")
+        values.setdefault("journal_path", f"./{values.get('instance_id', cls.instance_id)}.journal")
+        return cls(**values)
 
-def env_int(name, default):
-    return int(os.environ.get(name, default))
-
-
-def env_float(name, default):
-    return float(os.environ.get(name, default))
-
-
-INSTANCE_ID = env_str("INSTANCE_ID", "api")
-LISTEN = env_str("LISTEN", "0.0.0.0:8080")
-PEERS = env_str("PEERS", "")
-DEFAULT_PROCESSOR_URL = env_str("DEFAULT_PROCESSOR_URL", "http://payment-processor-default:8080")
-FALLBACK_PROCESSOR_URL = env_str("FALLBACK_PROCESSOR_URL", "http://payment-processor-fallback:8080")
-JOURNAL_PATH = env_str("JOURNAL_PATH", f"./{INSTANCE_ID}.journal")
-JOURNAL_FSYNC = env_int("JOURNAL_FSYNC", 0)
-JOURNAL_RESERVE_BYTES = env_int("JOURNAL_RESERVE_BYTES", 1 << 20)
-JOURNAL_RETRY_S = env_float("JOURNAL_RETRY_S", 0.5)
-JOURNAL_COMPACT_BYTES = env_int("JOURNAL_COMPACT_BYTES", 16 << 20)
-JOURNAL_COMPACT_SLICE = env_int("JOURNAL_COMPACT_SLICE", 2000)
-PURGE_TOKEN = env_str("PURGE_TOKEN", "")
-
-QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", 100_000)
-REMEMBERED_IDS = env_int("REMEMBERED_IDS", 200_000)
-IN_FLIGHT_MIN = env_int("IN_FLIGHT_MIN", 4)
-IN_FLIGHT_CAP = env_int("IN_FLIGHT_CAP", 650)
-FORWARD_RATE = env_float("FORWARD_RATE", 2000.0)
-FORWARD_BATCH_S = env_float("FORWARD_BATCH_S", 0.05)
-LATENCY_WEIGHT = env_float("LATENCY_WEIGHT", 0.2)
-PROCESSOR_TIMEOUT_S = env_float("PROCESSOR_TIMEOUT_S", 10.0)
-BREAKER_FAILURES = env_int("BREAKER_FAILURES", 3)
-BREAKER_RETRY_S = env_float("BREAKER_RETRY_S", 0.25)
-FALLBACK_AFTER_S = env_float("FALLBACK_AFTER_S", 25.0)
-FALLBACK_QUEUE_FRACTION = env_float("FALLBACK_QUEUE_FRACTION", 0.8)
-PROMISE_MARGIN_S = env_float("PROMISE_MARGIN_S", 1.5)
-PROMISE_HEADROOM_S = env_float("PROMISE_HEADROOM_S", 0.25)
-PROMISE_HOLD_S = env_float("PROMISE_HOLD_S", 1.0)
-SUSPECT_MIN_S = env_float("SUSPECT_MIN_S", 0.1)
-PROBE_INTERVAL_S = env_float("PROBE_INTERVAL_S", 0.25)
-PIN_SETTLE_S = env_float("PIN_SETTLE_S", 30.0)
-PIN_CHECK_INTERVAL_S = env_float("PIN_CHECK_INTERVAL_S", 1.0)
-HEALTH_INTERVAL_S = env_float("HEALTH_INTERVAL_S", 10.0)
-PEER_TIMEOUT_S = env_float("PEER_TIMEOUT_S", 2.0)
-PEER_SUMMARY_TIMEOUT_S = env_float("PEER_SUMMARY_TIMEOUT_S", 0.25)
-SUMMARY_WAIT_S = env_float("SUMMARY_WAIT_S", 1.0)
-TICK_S = env_float("TICK_S", 0.1)
-STALL_S = env_float("STALL_S", 0.8)
-REPLICA_INTERVAL_S = env_float("REPLICA_INTERVAL_S", 0.25)
-REPLICA_HEARTBEAT_S = env_float("REPLICA_HEARTBEAT_S", 1.0)
-REPLICA_BATCH = env_int("REPLICA_BATCH", 500)
-REPLICA_READY_MAX_S = env_float("REPLICA_READY_MAX_S", 3.0)
-SHUTDOWN_GRACE_S = env_float("SHUTDOWN_GRACE_S", 10.0)
-
-MAX_HEADER_BYTES = env_int("MAX_HEADER_BYTES", 8192)
-MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 16384)
-MAX_CONNECTIONS = env_int("MAX_CONNECTIONS", 2048)
-READ_TIMEOUT_S = env_float("READ_TIMEOUT_S", 10.0)
-IDLE_TIMEOUT_S = env_float("IDLE_TIMEOUT_S", 600.0)
-LINGER_S = env_float("LINGER_S", 2.0)
-LINGER_BYTES = env_int("LINGER_BYTES", 4 << 20)
-MAX_AMOUNT = Decimal(env_str("MAX_AMOUNT", "1000000000"))
-MAX_AMOUNT_CENTS = int(MAX_AMOUNT * 100)
 
 DEFAULT, FALLBACK = 0, 1
 PROCESSOR_NAMES = ("default", "fallback")
+LOG = threading.local()  # per thread, so that instances run in-process by the tests each log as
+# themselves: serve() sets .name; a test may set .stream before it calls serve()
 
 
 def log(message):
     """One line per event: UTC time to the millisecond, the instance, the message."""
-    sys.stderr.write(f"{iso_ms(now_ms()).decode()} {INSTANCE_ID} {message}\n")
-    sys.stderr.flush()
+    stream = getattr(LOG, "stream", sys.stderr)
+    stream.write(f"{iso_ms(now_ms()).decode()} {getattr(LOG, 'name', '-')} {message}\n")
+    stream.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +273,7 @@ class Request:
         self.keep_alive, self.length, self.token = keep_alive, length, token
 
 
-def parse_head(head):
+def parse_head(head, max_body_bytes):
     """Request line and headers (without the final CRLFCRLF) -> Request, or an HttpError."""
     lines = head.split(b"\r\n")
     if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
@@ -315,13 +323,13 @@ def parse_head(head):
         if method == b"POST" or method == b"PUT":
             raise LengthRequired("Content-Length is required")
         length = 0
-    if length > MAX_BODY_BYTES:
-        raise BodyTooLarge(f"body over {MAX_BODY_BYTES} bytes")
+    if length > max_body_bytes:
+        raise BodyTooLarge(f"body over {max_body_bytes} bytes")
     path, _, query = target.partition(b"?")
     return Request(lines[0], method, path, query, keep_alive, length, token)
 
 
-def parse_payment(body):
+def parse_payment(body, max_cents):
     """POST /payments body -> (correlationId, cents), or InvalidRequest naming the field."""
     try:
         payment = orjson.loads(body)
@@ -333,8 +341,8 @@ def parse_payment(body):
     if type(cid) is not str or len(cid) != 36 or not UUID_PATTERN.fullmatch(cid):
         raise InvalidRequest("correlationId must be a UUID string", "correlationId")
     cents = amount_to_cents(payment.get("amount"))
-    if cents is None or cents <= 0 or cents > MAX_AMOUNT_CENTS:
-        raise InvalidRequest(f"amount must be a number over 0.00 and at most {MAX_AMOUNT}", "amount")
+    if cents is None or cents <= 0 or cents > max_cents:
+        raise InvalidRequest(f"amount must be a number over 0.00 and at most {cents_text(max_cents).decode()}", "amount")
     return cid.encode(), cents
 
 
@@ -439,12 +447,13 @@ def window_totals(ledger, low, high):
 
 
 class RecentIds:
-    """The one memory of ids: the last REMEMBERED_IDS correlationIds accepted here or by a peer
+    """The one memory of ids: the last `limit` (REMEMBERED_IDS) correlationIds accepted here or by a peer
     (the journal keeps them across restarts: A and I records). One sent again (a client
     retrying) is the same payment, answered 202 again and never queued, or forwarded, again."""
-    __slots__ = ("known", "order")
+    __slots__ = ("limit", "known", "order")
 
-    def __init__(self, ids=()):
+    def __init__(self, limit, ids=()):
+        self.limit = limit
         self.reset(ids)
 
     def reset(self, ids=()):
@@ -457,7 +466,7 @@ class RecentIds:
         if cid not in self.known:
             self.known.add(cid)
             self.order.append(cid)
-            if len(self.order) > REMEMBERED_IDS:
+            if len(self.order) > self.limit:
                 self.known.discard(self.order.popleft())
 
 
@@ -503,10 +512,10 @@ class Journal:
     journal is `full` (refusing new ones) until the disk has room for the reserve again. It
     grows until compacted: rewritten as the state it holds (compaction()), at start and
     whenever it has doubled."""
-    __slots__ = ("path", "fd", "end", "torn", "full", "compacted", "compacting")
+    __slots__ = ("path", "config", "fd", "end", "torn", "full", "compacted", "compacting")
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, config):
+        self.path, self.config = path, config
         self.fd = -1
         self.end = 0  # offset just past the last whole record
         self.torn = False  # a failed write could not be cut back yet
@@ -570,7 +579,7 @@ class Journal:
     def replace_with(self, temporary):
         """Rename a complete, synced rewrite over the journal (and sync the directory)."""
         os.replace(temporary, self.path)
-        if JOURNAL_FSYNC:  # make the rename itself durable
+        if self.config.journal_fsync:  # make the rename itself durable
             directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:
                 os.fsync(directory)
@@ -578,7 +587,7 @@ class Journal:
                 os.close(directory)
 
     def due_for_compaction(self):
-        return not self.compacting and self.end > max(JOURNAL_COMPACT_BYTES, 2 * self.compacted)
+        return not self.compacting and self.end > max(self.config.journal_compact_bytes, 2 * self.compacted)
 
     async def compact(self, ledger, pending, start, remembered=()):
         """While running: compaction() one slice per turn of the loop."""
@@ -598,7 +607,7 @@ class Journal:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             records = snapshot_records(ledger, pending, remembered)
             while True:
-                chunk = b"".join(itertools.islice(records, JOURNAL_COMPACT_SLICE))
+                chunk = b"".join(itertools.islice(records, self.config.journal_compact_slice))
                 if not chunk:
                     break
                 write_whole(fd, chunk)
@@ -625,7 +634,7 @@ class Journal:
         try:
             fd = os.open(self.path + ".reserve", os.O_WRONLY | os.O_CREAT, 0o644)
             try:
-                os.posix_fallocate(fd, 0, max(1, JOURNAL_RESERVE_BYTES))
+                os.posix_fallocate(fd, 0, max(1, self.config.journal_reserve_bytes))
             finally:
                 os.close(fd)
         except OSError:
@@ -661,7 +670,7 @@ class Journal:
                 os.unlink(self.path + ".reserve")
             return self.append(line)
         self.end += written
-        if JOURNAL_FSYNC:
+        if self.config.journal_fsync:
             os.fdatasync(self.fd)
 
     def cut_back(self):
@@ -722,9 +731,11 @@ class Backlog:
     first), `pinned[p]` (waiting for processor p, where an attempt of it may have landed), or
     `flying` (an attempt or a lookup under way, by seq). Only these methods move a payment;
     check() proves the rule (the tests call it)."""
-    __slots__ = ("ready", "pinned", "flying")
+    __slots__ = ("capacity", "nearly", "ready", "pinned", "flying")
 
-    def __init__(self):
+    def __init__(self, config):
+        self.capacity = config.queue_capacity
+        self.nearly = config.queue_capacity * config.fallback_queue_fraction
         self.ready = deque()
         self.pinned = (deque(), deque())
         self.flying = {}
@@ -733,11 +744,11 @@ class Backlog:
         return len(self.ready) + len(self.pinned[DEFAULT]) + len(self.pinned[FALLBACK]) + len(self.flying)
 
     def full(self):
-        return self.unsettled() >= QUEUE_CAPACITY
+        return self.unsettled() >= self.capacity
 
     def nearly_full(self):
         """Waiting to go anywhere past FALLBACK_QUEUE_FRACTION of the capacity."""
-        return len(self.ready) >= QUEUE_CAPACITY * FALLBACK_QUEUE_FRACTION
+        return len(self.ready) >= self.nearly
 
     def add(self, payment):
         """A payment accepted, or replayed: pinned where its pin says, else ready."""
@@ -941,10 +952,10 @@ class UpstreamConnection(asyncio.Protocol):
 
 class Upstream:
     """A pool of keep-alive connections to one HTTP server."""
-    __slots__ = ("name", "host", "port", "idle", "host_header")
+    __slots__ = ("name", "host", "port", "timeout", "idle", "host_header")
 
-    def __init__(self, name, url):
-        self.name = name
+    def __init__(self, name, url, timeout):
+        self.name, self.timeout = name, timeout
         self.host, self.port = parse_address(url)
         self.idle = []
         self.host_header = (f"{self.host}:{self.port}" if self.host else "localhost").encode()
@@ -960,10 +971,10 @@ class Upstream:
             raise NotSent(f"cannot connect to {self.name}: {error}") from None
         return connection
 
-    async def request(self, method, path, body=b"", headers=b"", timeout=PROCESSOR_TIMEOUT_S):
+    async def request(self, method, path, body=b"", headers=b"", timeout=None):
         """(status, body); UpstreamError when no answer came. A GET that fails on a reused
         connection (the server may have closed it while idle) is tried once more afresh."""
-        connection = None
+        connection, timeout = None, timeout or self.timeout
         while self.idle and connection is None:
             connection = self.idle.pop()
             if not connection.reusable or connection.transport.is_closing():
@@ -1081,9 +1092,10 @@ BREAKER_TRANSITIONS = {  # (state, signal) -> next
 
 
 class Breaker:
-    __slots__ = ("state", "failures", "retry_at", "failing_since", "reported_failing")
+    __slots__ = ("config", "state", "failures", "retry_at", "failing_since", "reported_failing")
 
-    def __init__(self):
+    def __init__(self, config):
+        self.config = config
         self.state = CLOSED
         self.failures = 0  # in a row
         self.retry_at = 0.0
@@ -1109,9 +1121,9 @@ class Breaker:
                 self.failing_since = now
         target = BREAKER_TRANSITIONS[self.state, signal]
         if target is COUNTED:
-            target = OPEN if self.failures >= BREAKER_FAILURES else CLOSED
+            target = OPEN if self.failures >= self.config.breaker_failures else CLOSED
         if target is OPEN:
-            self.state, self.retry_at = OPEN, now + BREAKER_RETRY_S
+            self.state, self.retry_at = OPEN, now + self.config.breaker_retry_s
         elif target is PROBE_NOW:
             self.state, self.retry_at = OPEN, now
         elif target is not SAME:
@@ -1136,16 +1148,16 @@ class Lane:
     PROMISE_MARGIN_S - PROMISE_HEADROOM_S and no attempt has been out longer than that, nor
     suspiciously long: over max(SUSPECT_MIN_S, 3 x that latency), which stops new sends here
     at once until the answers say how slow it has become."""
-    __slots__ = ("index", "upstream", "breaker", "in_flight", "limit", "ceiling", "latency", "confirmed",
+    __slots__ = ("config", "index", "upstream", "breaker", "in_flight", "limit", "ceiling", "latency", "confirmed",
                  "failed", "outstanding", "promise_latency", "promise_sent", "keeping", "slow_since", "probe_at")
 
-    def __init__(self, index, url):
-        self.index = index
-        self.upstream = Upstream(PROCESSOR_NAMES[index], url)
-        self.breaker = Breaker()
+    def __init__(self, index, url, config):
+        self.config, self.index = config, index
+        self.upstream = Upstream(PROCESSOR_NAMES[index], url, config.processor_timeout_s)
+        self.breaker = Breaker(config)
         self.in_flight = 0
-        self.limit = min(IN_FLIGHT_MIN, IN_FLIGHT_CAP)
-        self.ceiling = IN_FLIGHT_CAP
+        self.limit = min(config.in_flight_min, config.in_flight_cap)
+        self.ceiling = config.in_flight_cap
         self.latency = 0.0  # seconds, moving average over answered attempts
         self.confirmed = 0
         self.failed = 0
@@ -1174,20 +1186,23 @@ class Lane:
             outstanding.popleft()
         if status is None:
             return
-        self.latency += (seconds - self.latency) * LATENCY_WEIGHT
-        self.ceiling = min(IN_FLIGHT_CAP, self.ceiling + 1)
-        target = max(IN_FLIGHT_MIN, math.ceil(FORWARD_RATE * (self.latency + FORWARD_BATCH_S)))
+        config = self.config
+        self.latency += (seconds - self.latency) * config.latency_weight
+        self.ceiling = min(config.in_flight_cap, self.ceiling + 1)
+        target = max(config.in_flight_min, math.ceil(config.forward_rate * (self.latency + config.forward_batch_s)))
         self.limit = min(target, self.ceiling)
 
     def throttled(self):
-        self.ceiling = self.limit = max(min(IN_FLIGHT_MIN, IN_FLIGHT_CAP), self.limit // 2)
+        self.ceiling = self.limit = max(min(self.config.in_flight_min, self.config.in_flight_cap), self.limit // 2)
 
     def check_promise(self, now):
         """Whether payments sent here now keep the promise; a working lane that breaks it
         starts its slow_since clock (a lane that is down is the breaker's business)."""
-        bound = PROMISE_MARGIN_S - PROMISE_HEADROOM_S
+        config = self.config
+        bound = config.promise_margin_s - config.promise_headroom_s
         oldest = now - self.outstanding[0][0] if self.outstanding else 0.0
-        self.keeping = self.promise_latency < bound and oldest < min(bound, max(SUSPECT_MIN_S, 3 * self.promise_latency))
+        suspect = max(config.suspect_min_s, 3 * self.promise_latency)
+        self.keeping = self.promise_latency < bound and oldest < min(bound, suspect)
         if self.keeping or self.breaker.state is not CLOSED:
             self.slow_since = None
         elif self.slow_since is None:
@@ -1199,22 +1214,23 @@ class Pipeline:
     """Backlog, lanes, ledger and journal: everything a payment passes through. Attempts
     start from pump(), which runs after anything that can let a payment move."""
 
-    def __init__(self, journal, ledger, pending=None, next_seq=0, recent=None):
+    def __init__(self, config, journal, ledger, pending=None, next_seq=0, recent=None):
         """pending: payments replayed from the journal ({seq: [cid, cents, accepted_ms, pin]}),
         queued first, whatever their number: they were accepted, they are never dropped."""
+        self.config = config
         self.journal = journal
         self.ledger = ledger
-        self.backlog = Backlog()
-        self.recent = recent or RecentIds()  # as replayed from the journal
+        self.backlog = Backlog(config)
+        self.recent = recent or RecentIds(config.remembered_ids)  # as replayed from the journal
         for entry in (pending or {}).values():  # accepted before a purge, still ours
             self.recent.add(entry[0])
-        self.lanes = (Lane(DEFAULT, DEFAULT_PROCESSOR_URL), Lane(FALLBACK, FALLBACK_PROCESSOR_URL))
+        self.lanes = (Lane(DEFAULT, config.default_processor_url, config), Lane(FALLBACK, config.fallback_processor_url, config))
         self.next_seq = next_seq
         self.outboxes = []  # per peer: ids accepted here, to tell it (see Replication)
         self.accepted = self.duplicates = self.rejected = 0
         self.running = True
         self.pump_due = False
-        self.pumped_at = -FORWARD_BATCH_S  # time.monotonic() of the latest pump that sent
+        self.pumped_at = -config.forward_batch_s  # time.monotonic() of the latest pump that sent
         self.wake = None  # timer for the next moment a held payment may move
         self.wake_at = 0.0
         now = time.monotonic()
@@ -1257,7 +1273,7 @@ class Pipeline:
         an answer costs. Idle, the first payment goes at once."""
         if not self.pump_due:
             self.pump_due = True
-            wait = self.pumped_at + FORWARD_BATCH_S - time.monotonic()
+            wait = self.pumped_at + self.config.forward_batch_s - time.monotonic()
             if wait > 0:
                 asyncio.get_running_loop().call_later(wait, self.pump)
             else:
@@ -1294,7 +1310,7 @@ class Pipeline:
                 return default
             if default.breaker.state is CLOSED:
                 return None  # working, only busy: worth the wait
-            if default.breaker.down_for(now) < FALLBACK_AFTER_S and not self.backlog.nearly_full():
+            if default.breaker.down_for(now) < self.config.fallback_after_s and not self.backlog.nearly_full():
                 return None  # down, but not for long yet
             if fallback.in_flight < fallback.limit and fallback.breaker.allows(now):
                 return fallback
@@ -1302,14 +1318,14 @@ class Pipeline:
         # Working, but too slow to keep the promise: probes learn when it is fast again. One at a
         # time; or one every PROBE_INTERVAL_S while the summaries wait for its stores (landed()).
         if default.in_flight == 0 or (now >= default.probe_at and
-                                      default.promise_latency < PROMISE_MARGIN_S + SUMMARY_WAIT_S):
-            default.probe_at = now + PROBE_INTERVAL_S
+                                      default.promise_latency < self.config.promise_margin_s + self.config.summary_wait_s):
+            default.probe_at = now + self.config.probe_interval_s
             return default
         slow_for = now - default.slow_since
         if fallback.keeping and fallback.breaker.state is CLOSED:
-            if slow_for >= PROMISE_HOLD_S or self.backlog.nearly_full():
+            if slow_for >= self.config.promise_hold_s or self.backlog.nearly_full():
                 return fallback if fallback.in_flight < fallback.limit else None
-        elif slow_for >= FALLBACK_AFTER_S or self.backlog.nearly_full():
+        elif slow_for >= self.config.fallback_after_s or self.backlog.nearly_full():
             return default if default.in_flight < default.limit else None  # neither keeps it
         return None
 
@@ -1322,9 +1338,9 @@ class Pipeline:
                    and (backlog.ready or backlog.pinned[lane.index])]
         default = self.lanes[DEFAULT]
         if backlog.ready and default.breaker.failing_since is not None:
-            moments.append(default.breaker.failing_since + FALLBACK_AFTER_S)
+            moments.append(default.breaker.failing_since + self.config.fallback_after_s)
         if backlog.ready and default.slow_since is not None:
-            moments += (default.slow_since + PROMISE_HOLD_S, default.slow_since + FALLBACK_AFTER_S)
+            moments += (default.slow_since + self.config.promise_hold_s, default.slow_since + self.config.fallback_after_s)
         at = min((moment for moment in moments if moment > now), default=None)
         if at is None or (self.wake is not None and self.wake_at <= at):
             return
@@ -1363,7 +1379,7 @@ class Pipeline:
             self.journal.append(record(b"S", payment.seq, lane.index, requested))
         except OSError as error:
             log(f"journal write failed: {error}")
-            await asyncio.sleep(JOURNAL_RETRY_S)  # holding its slot: no retry loop meanwhile
+            await asyncio.sleep(self.config.journal_retry_s)  # holding its slot: no retry loop meanwhile
             return JOURNAL_FAILED
         body = PROCESSOR_BODY % (payment.cid, cents_text(payment.cents), iso_ms(requested))
         mark, status = lane.sending(time.monotonic()), None
@@ -1432,8 +1448,8 @@ class Pipeline:
         [low, high] and is PROMISE_MARGIN_S old: a processor slower than the margin stores such
         a payment inside a window the promise covers, and a summary answered before its answer
         would miss what the processor's own summary, asked just after, counts."""
-        high = min(high, now_ms() - int(PROMISE_MARGIN_S * 1000))
-        deadline = time.monotonic() + SUMMARY_WAIT_S
+        high = min(high, now_ms() - int(self.config.promise_margin_s * 1000))
+        deadline = time.monotonic() + self.config.summary_wait_s
         flying = self.backlog.flying
         while time.monotonic() < deadline and any(low <= p.requested_ms <= high for p in flying.values()):
             await asyncio.sleep(0.005)
@@ -1460,12 +1476,12 @@ class Pipeline:
         (ours) or settled (not ours); absent, it may go anywhere. A working processor settles
         its pins itself: pump() re-sends them and the answer (200, or 422 and a lookup) decides."""
         while self.running:
-            await asyncio.sleep(PIN_CHECK_INTERVAL_S)
+            await asyncio.sleep(self.config.pin_check_interval_s)
             now = time.monotonic()
             for lane in self.lanes:
                 if lane.breaker.state is CLOSED:
                     continue
-                due = [p for p in self.backlog.pinned[lane.index] if now - p.settle_from >= PIN_SETTLE_S]
+                due = [p for p in self.backlog.pinned[lane.index] if now - p.settle_from >= self.config.pin_settle_s]
                 for payment in due:
                     if not self.backlog.take_pinned(payment):  # sent again, or settled, meanwhile
                         continue
@@ -1487,7 +1503,7 @@ class Pipeline:
                     log(f"health of {upstream.name}: status {status}")
             except (UpstreamError, orjson.JSONDecodeError, AttributeError) as error:
                 log(f"health of {upstream.name}: {error}")
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await asyncio.sleep(self.config.health_interval_s)
 
     def in_flight(self):
         return self.lanes[DEFAULT].in_flight + self.lanes[FALLBACK].in_flight
@@ -1546,7 +1562,6 @@ class Pipeline:
 
 REPLICA_PATH = b"/internal/replica"
 REPLICA_ENTRY_BYTES = 24  # three int64
-ORIGIN = INSTANCE_ID.encode()
 
 
 class PeerStream:
@@ -1554,7 +1569,7 @@ class PeerStream:
     accepted here that the peer has not been told yet."""
     __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by", "ids", "sent_at", "wake", "idle")
 
-    def __init__(self, peer):
+    def __init__(self, peer, heartbeat_s):
         self.peer = peer
         self.ids = bytearray()  # 36-byte correlationIds, oldest first
         self.epoch = 0
@@ -1562,7 +1577,7 @@ class PeerStream:
         self.name = None  # the peer's INSTANCE_ID, from its answers
         self.answered = None  # whether the last exchange got an answer; None before the first
         self.ignored_by = None  # the newer epoch the peer is at, once logged
-        self.sent_at = -REPLICA_HEARTBEAT_S  # time.monotonic() of the latest exchange
+        self.sent_at = -heartbeat_s  # time.monotonic() of the latest exchange
         self.wake = None  # the future the stream sleeps on between exchanges
         self.idle = False  # whether that sleep is the long one (nothing was left to send)
 
@@ -1570,14 +1585,15 @@ class PeerStream:
 class Replication:
     """Streams the own ledger's log to the peers and keeps their logs as replicas."""
 
-    def __init__(self, ledger, peers, recent=None, journal=None):
+    def __init__(self, config, ledger, peers, recent=None, journal=None):
+        self.config, self.origin = config, config.instance_id.encode()
         self.ledger = ledger
         self.recent = recent  # the pipeline's RecentIds: ids accepted here or by a peer
         self.journal = journal  # where ids learnt from peers are kept across a restart
         self.replicas = {}  # origin (a peer's INSTANCE_ID, bytes) -> Ledger without a log
         self.complete = set()  # origins whose whole log we have held since we started
-        self.streams = [PeerStream(peer) for peer in peers]
-        self.batch = max(1, min(REPLICA_BATCH, (MAX_BODY_BYTES - 256) // REPLICA_ENTRY_BYTES))
+        self.streams = [PeerStream(peer, config.replica_heartbeat_s) for peer in peers]
+        self.batch = max(1, min(config.replica_batch, (config.max_body_bytes - 256) // REPLICA_ENTRY_BYTES))
         self.started = time.monotonic()
         self.is_ready = not peers
         self.tasks = []
@@ -1596,12 +1612,12 @@ class Replication:
         while True:
             busy = bool(stream.ids) or self.lacks(stream)
             try:
-                if (busy or time.monotonic() - stream.sent_at >= REPLICA_HEARTBEAT_S) and await self.exchange(stream):
+                if (busy or time.monotonic() - stream.sent_at >= self.config.replica_heartbeat_s) and await self.exchange(stream):
                     continue
             except Exception as error:  # a bug must not end replication for good
                 log(f"replication to {stream.peer.name} failed unexpectedly: {error!r}")
             stream.wake, stream.idle = loop.create_future(), not busy
-            timer = loop.call_later(REPLICA_INTERVAL_S if busy else REPLICA_HEARTBEAT_S, self.nudge, stream)
+            timer = loop.call_later(self.config.replica_interval_s if busy else self.config.replica_heartbeat_s, self.nudge, stream)
             await stream.wake
             timer.cancel()
 
@@ -1631,17 +1647,17 @@ class Replication:
         known = stream.held is not None and stream.epoch == epoch
         offset = min(stream.held, total) if known else total  # unknown: ask where it is
         ids = stream.ids
-        if len(ids) > 36 * REMEMBERED_IDS:  # a peer away for long: only the latest matter
-            del ids[:len(ids) - 36 * REMEMBERED_IDS]
-        sent_ids = min(len(ids), (MAX_BODY_BYTES - 256) // 2 // 36 * 36)  # ids: half the room
+        if len(ids) > 36 * self.config.remembered_ids:  # a peer away for long: only the latest matter
+            del ids[:len(ids) - 36 * self.config.remembered_ids]
+        sent_ids = min(len(ids), (self.config.max_body_bytes - 256) // 2 // 36 * 36)  # ids: half the room
         ids_left = len(ids) > sent_ids  # more than fit: the next batch goes at once
-        end = min(total, offset + min(self.batch, (MAX_BODY_BYTES - 256 - sent_ids) // REPLICA_ENTRY_BYTES))
+        end = min(total, offset + min(self.batch, (self.config.max_body_bytes - 256 - sent_ids) // REPLICA_ENTRY_BYTES))
         replica = self.replicas.get(stream.name)
         mine = replica.count() if replica is not None and replica.epoch == epoch else -1
-        body = b"%s %d %d %d %d %d\n%s%s" % (ORIGIN, epoch, offset, total, mine, sent_ids // 36,
+        body = b"%s %d %d %d %d %d\n%s%s" % (self.origin, epoch, offset, total, mine, sent_ids // 36,
                                                log_[3 * offset:3 * end].tobytes(), ids[:sent_ids])
         try:
-            status, answer = await stream.peer.request(b"POST", REPLICA_PATH, body, b"", PEER_TIMEOUT_S)
+            status, answer = await stream.peer.request(b"POST", REPLICA_PATH, body, b"", self.config.peer_timeout_s)
             if status != 200:
                 raise UpstreamError(f"status {status}: {answer[:200]!r}")
             name, their_epoch, held = answer.split()
@@ -1678,7 +1694,7 @@ class Replication:
                 pass
         flushes = [asyncio.ensure_future(flush(stream)) for stream in self.streams]
         if flushes:
-            await asyncio.wait(flushes, timeout=PEER_TIMEOUT_S)
+            await asyncio.wait(flushes, timeout=self.config.peer_timeout_s)
             for task in flushes:
                 task.cancel()
             await asyncio.gather(*flushes, return_exceptions=True)
@@ -1700,7 +1716,7 @@ class Replication:
             raise InvalidRequest("ids must be 36-byte correlationIds")
         entries = array.array("q")
         entries.frombytes(payload[:at])
-        if origin == ORIGIN:
+        if origin == self.origin:
             raise InvalidRequest("a peer has this instance's INSTANCE_ID")
         if offset < 0 or offset + len(entries) // 3 > total or not all(p in (0, 1) for p in entries[::3]):
             raise InvalidRequest("entries out of range")
@@ -1730,7 +1746,7 @@ class Replication:
                     and (stream.held is None or mine < stream.held)):
                 stream.held = None
                 self.nudge(stream)
-        return b"%s %d %d" % (ORIGIN, replica.epoch, replica.count())
+        return b"%s %d %d" % (self.origin, replica.epoch, replica.count())
 
     def purge(self, epoch):
         """Empty the own ledger and every replica; epoch starts everywhere."""
@@ -1745,7 +1761,7 @@ class Replication:
         """Whether this instance holds the whole log of every peer that answers (or has
         waited REPLICA_READY_MAX_S since it started): then the load balancer may use it."""
         if not self.is_ready:
-            self.is_ready = time.monotonic() - self.started >= REPLICA_READY_MAX_S or all(
+            self.is_ready = time.monotonic() - self.started >= self.config.replica_ready_max_s or all(
                 stream.answered is False or (stream.answered and stream.name in self.complete)
                 for stream in self.streams)
             if self.is_ready:
@@ -1783,10 +1799,12 @@ POST_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 
 class Server:
     """Shared state of the HTTP side: the pipeline, peers, open connections, counters."""
 
-    def __init__(self, pipeline, peers):
+    def __init__(self, config, pipeline, peers):
+        self.config, self.origin = config, config.instance_id.encode()
+        self.max_cents = int(config.max_amount * 100)
         self.pipeline = pipeline
         self.peers = peers
-        self.replication = Replication(pipeline.ledger, peers, pipeline.recent, pipeline.journal)
+        self.replication = Replication(config, pipeline.ledger, peers, pipeline.recent, pipeline.journal)
         pipeline.outboxes = [stream.ids for stream in self.replication.streams]
         self.connections = set()
         self.draining = False
@@ -1810,11 +1828,11 @@ class Server:
         Once a second: close connections that stalled mid-request or idled too long."""
         self.lag_now = max(self.lag_now, late)
         self.last_tick = time.monotonic()
-        if late > STALL_S:
+        if late > self.config.stall_s:
             self.resumed_at = self.last_tick
         self.replication.nudge_idle()
         self.ticks += 1
-        if self.ticks * TICK_S >= 1.0:
+        if self.ticks * self.config.tick_s >= 1.0:
             self.ticks = 0
             self.loop_lag, self.lag_now = self.lag_now, 0.0
             self.sweep()
@@ -1845,7 +1863,7 @@ class Server:
         answers. Each instance first waits for its own attempts that may still store inside
         the window that the promise covers (Pipeline.landed)."""
         path = b"/internal/summary?from=%d&to=%d" % (low, high)
-        asked = self.peers if PEER_SUMMARY_TIMEOUT_S > 0 else ()  # 0: the replicas alone
+        asked = self.peers if self.config.peer_summary_timeout_s > 0 else ()  # 0: the replicas alone
         *answers, _ = await asyncio.gather(*(self.ask_fresh(peer, path) for peer in asked),
                                            self.pipeline.landed(low, high))
         totals = self.totals(low, high, dict(answer for answer in answers if answer is not None))
@@ -1855,13 +1873,13 @@ class Server:
         """GET /internal/summary's answer: "origin epoch count cents count cents" of the own ledger."""
         await self.pipeline.landed(low, high)
         ledger = self.pipeline.ledger
-        return b"%s %d %d %d %d %d" % (ORIGIN, ledger.epoch, *window_totals(ledger, low, high))
+        return b"%s %d %d %d %d %d" % (self.origin, ledger.epoch, *window_totals(ledger, low, high))
 
     async def ask_fresh(self, peer, path):
         """(origin, [default count, cents, fallback count, cents]) of a peer's own ledger now, or
         None if it does not answer within PEER_SUMMARY_TIMEOUT_S or is at another epoch."""
         try:
-            timeout = PEER_SUMMARY_TIMEOUT_S + SUMMARY_WAIT_S  # it may wait for its attempts
+            timeout = self.config.peer_summary_timeout_s + self.config.summary_wait_s  # it may wait for its attempts
             status, body = await asyncio.wait_for(peer.request(b"GET", path, b"", b"", timeout), timeout)
             origin, epoch, *numbers = body.split()
             if status != 200 or int(epoch) != self.pipeline.ledger.epoch or len(numbers) != 4:
@@ -1882,9 +1900,9 @@ class Server:
         return totals
 
     async def purge(self, request):
-        if not PURGE_TOKEN:
+        if not self.config.purge_token:
             raise Forbidden("purge is disabled: set PURGE_TOKEN")
-        if request.token != PURGE_TOKEN.encode():
+        if request.token != self.config.purge_token.encode():
             raise Forbidden("wrong or missing X-Rinha-Token")
         epoch = max(now_ms(), self.pipeline.ledger.epoch + 1)  # a new epoch, the same everywhere
         self.purge_local(epoch)
@@ -1902,7 +1920,7 @@ class Server:
         Used by the purge; the summary asks with ask_fresh, which has the replicas to fall back on."""
         if not self.peers:
             return []
-        calls = [peer.request(method, path, b"", headers, PEER_TIMEOUT_S) for peer in self.peers]
+        calls = [peer.request(method, path, b"", headers, self.config.peer_timeout_s) for peer in self.peers]
         answers = await asyncio.gather(*calls, return_exceptions=True)
         bodies = []
         for peer, answer in zip(self.peers, answers):
@@ -1914,7 +1932,7 @@ class Server:
 
     def health(self):
         statistics = self.pipeline.statistics()
-        statistics["instance"] = INSTANCE_ID
+        statistics["instance"] = self.config.instance_id
         statistics["uptime_s"] = round(time.monotonic() - self.started, 1)
         statistics["connections"] = len(self.connections)
         statistics["replicas"] = {origin.decode(): replica.count() for origin, replica in self.replication.replicas.items()}
@@ -1985,7 +2003,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
-        if len(self.server.connections) >= MAX_CONNECTIONS:
+        if len(self.server.connections) >= self.server.config.max_connections:
             return self.close_after(Unavailable("too many connections").response(close=True))
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
@@ -2010,13 +2028,13 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data):
         if self.linger is not None:  # answered for the last time: drop what still comes
             self.discarded += len(data)
-            if self.discarded > LINGER_BYTES:
+            if self.discarded > self.server.config.linger_bytes:
                 self.transport.abort()
             return
         self.buffer += data
         self.active_at = now = time.monotonic()
         server = self.server
-        if now - server.last_tick > STALL_S or now - server.resumed_at < TICK_S:
+        if now - server.last_tick > server.config.stall_s or now - server.resumed_at < server.config.tick_s:
             # The loop stood still (SIGSTOP, a stall) and this arrived meanwhile: the load
             # balancer may have given up on it and sent it to a peer, which took it. Taking
             # it here too could forward one payment twice: refuse it, it was never ours.
@@ -2029,19 +2047,19 @@ class HttpConnection(asyncio.Protocol):
 
     def process(self):
         """Answer every complete request in the buffer, in order."""
-        buffer = self.buffer
+        buffer, limit = self.buffer, self.server.config.max_header_bytes
         request = None
         try:
             while buffer and not self.transport.is_closing():
                 request = self.head
                 if request is None:
                     end = buffer.find(b"\r\n\r\n")
-                    if end < 0 or end > MAX_HEADER_BYTES:
-                        if end > MAX_HEADER_BYTES or len(buffer) > MAX_HEADER_BYTES + 3:
-                            return self.refuse(HeadersTooLarge(f"request head over {MAX_HEADER_BYTES} bytes"))
+                    if end < 0 or end > limit:
+                        if end > limit or len(buffer) > limit + 3:
+                            return self.refuse(HeadersTooLarge(f"request head over {limit} bytes"))
                         return
                     try:
-                        request = parse_head(bytes(buffer[:end]))
+                        request = parse_head(bytes(buffer[:end]), self.server.config.max_body_bytes)
                     except HttpError as error:
                         return self.refuse(error)
                     del buffer[:end + 4]
@@ -2073,7 +2091,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- endpoints: each answers now (True to go on reading) or later ------
     def post_payment(self, request, body, keep):
-        cid, cents = parse_payment(body)
+        cid, cents = parse_payment(body, self.server.max_cents)
         self.server.pipeline.accept(cid, cents)
         keep = self.answer(ACCEPTED[not keep], keep)
         self.server.answered_post(time.monotonic() - self.active_at)
@@ -2097,7 +2115,8 @@ class HttpConnection(asyncio.Protocol):
         return self.answer_later(self.server.purge(request), request, keep, PURGED)
 
     def post_local_purge(self, request, body, keep):
-        if not PURGE_TOKEN or request.token != PURGE_TOKEN.encode():
+        token = self.server.config.purge_token
+        if not token or request.token != token.encode():
             raise Forbidden("wrong or missing X-Rinha-Token")
         try:
             epoch = int(dict(parse_qsl(request.query.decode("latin-1")))["epoch"])
@@ -2172,17 +2191,18 @@ class HttpConnection(asyncio.Protocol):
             return transport.close()
         transport.write_eof()
         transport.resume_reading()
-        self.linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+        self.linger = asyncio.get_running_loop().call_later(self.server.config.linger_s, transport.abort)
 
     def check_deadline(self, now):
         if self.linger is not None:
             return  # its own timer ends it
-        if self.request_since and now - self.request_since > READ_TIMEOUT_S and not self.busy:
-            self.refuse(RequestTimeout(f"request not received within {READ_TIMEOUT_S} s"))
-        elif self.paused_since and now - self.paused_since > READ_TIMEOUT_S:
+        config = self.server.config
+        if self.request_since and now - self.request_since > config.read_timeout_s and not self.busy:
+            self.refuse(RequestTimeout(f"request not received within {config.read_timeout_s} s"))
+        elif self.paused_since and now - self.paused_since > config.read_timeout_s:
             self.transport.abort()  # the client stopped reading its answers
         elif not self.request_since and not self.busy and (
-                now - self.active_at > IDLE_TIMEOUT_S or self.server.draining):
+                now - self.active_at > config.idle_timeout_s or self.server.draining):
             self.transport.close()
 
 
@@ -2207,19 +2227,22 @@ ROUTES = {  # path -> (the one method it answers, handler)
 # ---------------------------------------------------------------------------
 
 
-async def serve():
+async def serve(config, stop=None, started=None):
+    """Run one instance until SIGTERM or SIGINT; in-process (the tests), until the future
+    `stop` is done, calling started(server) once it listens."""
+    LOG.name = config.instance_id
     loop = asyncio.get_running_loop()
-    ledger, journal, recent = Ledger(), Journal(JOURNAL_PATH), RecentIds()
+    ledger, journal, recent = Ledger(), Journal(config.journal_path, config), RecentIds(config.remembered_ids)
     pending, next_seq = journal.replay(ledger, recent)
     journal.open_compacted(ledger, pending, list(recent.order))
-    pipeline = Pipeline(journal, ledger, pending, next_seq, recent)
+    pipeline = Pipeline(config, journal, ledger, pending, next_seq, recent)
     if pending:
         log(f"journal replayed: {len(pending)} payments requeued")
-    peers = [Upstream(address, address) for address in PEERS.split(",") if address.strip()]
-    server = Server(pipeline, peers)
+    peers = [Upstream(address, address, config.peer_timeout_s) for address in config.peers.split(",") if address.strip()]
+    server = Server(config, pipeline, peers)
 
     listeners = []
-    for address in filter(None, (part.strip() for part in LISTEN.split(","))):
+    for address in filter(None, (part.strip() for part in config.listen.split(","))):
         if address.startswith("unix:"):
             path = address[5:]
             if os.path.exists(path):
@@ -2232,25 +2255,28 @@ async def serve():
                 lambda: HttpConnection(server), host or "0.0.0.0", int(port), backlog=4096, reuse_address=True))
     tasks = [asyncio.ensure_future(pipeline.check_pins())]
     server.replication.start()
-    if HEALTH_INTERVAL_S > 0:
+    if config.health_interval_s > 0:
         tasks += [asyncio.ensure_future(pipeline.poll_health(lane)) for lane in pipeline.lanes]
     pipeline.pump()
     def tick(due):
         nonlocal ticker
         now = time.monotonic()
         server.tick(max(0.0, now - due))
-        ticker = loop.call_later(TICK_S, tick, now + TICK_S)
-    ticker = loop.call_later(TICK_S, tick, time.monotonic() + TICK_S)
+        ticker = loop.call_later(config.tick_s, tick, now + config.tick_s)
+    ticker = loop.call_later(config.tick_s, tick, time.monotonic() + config.tick_s)
 
-    stop = loop.create_future()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+    if stop is None:
+        stop = loop.create_future()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
 
     # Everything allocated so far lives for the whole run: keep it out of every collection.
     gc.collect()
     gc.freeze()
     gc.callbacks.append(server.on_gc)
-    log(f"listening on {LISTEN}; peers: {PEERS or 'none'}; {pipeline.backlog.unsettled()} payments requeued")
+    log(f"listening on {config.listen}; peers: {config.peers or 'none'}; {pipeline.backlog.unsettled()} payments requeued")
+    if started is not None:
+        started(server)
     await stop
 
     log("stopping: no new connections; draining the queue")
@@ -2258,7 +2284,7 @@ async def serve():
     for listener in listeners:
         listener.close()
     server.sweep()
-    deadline = loop.time() + SHUTDOWN_GRACE_S
+    deadline = loop.time() + config.shutdown_grace_s
     while pipeline.backlog.unsettled() and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await server.replication.stop()
@@ -2269,12 +2295,13 @@ async def serve():
     await asyncio.gather(*tasks, return_exceptions=True)
     for upstream in (*(lane.upstream for lane in pipeline.lanes), *peers):
         upstream.close()
-    left = pipeline.backlog.unsettled()
-    log(f"stopped; {left} payments left in the journal for the next start")
+    gc.callbacks.remove(server.on_gc)
+    os.close(journal.fd)
+    log(f"stopped; {pipeline.backlog.unsettled()} payments left in the journal for the next start")
 
 
 def main():
-    uvloop.run(serve())
+    uvloop.run(serve(Config.from_env()))
 
 
 if __name__ == "__main__":

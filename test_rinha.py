@@ -27,6 +27,9 @@ import rinha
 from harness import (ROOT, Instance, assert_ledger_matches, call, drained, free_port, pay_many, raw, send_payments,
                      wait_until)
 
+CONFIG = rinha.Config()  # the defaults; a test that needs another setting builds its own
+MAX_CENTS = int(CONFIG.max_amount * 100)
+
 
 
 # ---------------------------------------------------------------------------
@@ -177,7 +180,7 @@ def test_cents_text_is_the_exact_two_decimal_json_number(cents):
 
 def test_parse_head_reads_method_path_query_length_and_token():
     request = rinha.parse_head(b"POST /purge-payments?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n"
-                               b"X-Rinha-Token: abc")
+                               b"X-Rinha-Token: abc", CONFIG.max_body_bytes)
     assert (request.method, request.path, request.query, request.length, request.token, request.keep_alive) == \
         (b"POST", b"/purge-payments", b"x=1", 12, b"abc", True)
 
@@ -199,13 +202,13 @@ def test_parse_head_reads_method_path_query_length_and_token():
 ])
 def test_parse_head_names_each_framing_error(head, error):
     with pytest.raises(error):
-        rinha.parse_head(head)
+        rinha.parse_head(head, CONFIG.max_body_bytes)
 
 
 @given(st.binary(max_size=300))
 def test_parse_head_raises_only_named_http_errors_on_random_bytes(data):
     try:
-        rinha.parse_head(data)
+        rinha.parse_head(data, CONFIG.max_body_bytes)
     except rinha.HttpError:
         pass
 
@@ -226,7 +229,7 @@ def test_parse_head_raises_only_named_http_errors_on_random_bytes(data):
 ])
 def test_parse_payment_names_the_invalid_field(body, field):
     with pytest.raises(rinha.InvalidRequest) as caught:
-        rinha.parse_payment(body)
+        rinha.parse_payment(body, MAX_CENTS)
     assert caught.value.field == field
 
 
@@ -245,15 +248,15 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.floats() | st.integers
 def test_parse_payment_raises_only_invalid_payment_for_any_amount(amount):
     body = b'{"correlationId":"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3","amount":%s}' % amount.encode()
     try:
-        cid, cents = rinha.parse_payment(body)
+        cid, cents = rinha.parse_payment(body, MAX_CENTS)
     except rinha.InvalidRequest:
         return
-    assert cid == b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3" and 0 < cents <= rinha.MAX_AMOUNT_CENTS
+    assert cid == b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3" and 0 < cents <= MAX_CENTS
 
 
 def test_parse_payment_ignores_unknown_fields_and_normalises_cents():
     body = b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 19.905, "note": 1}'
-    assert rinha.parse_payment(body) == (b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", 1990)
+    assert rinha.parse_payment(body, MAX_CENTS) == (b"4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", 1990)
 
 
 def test_parse_window_is_open_without_bounds_and_400_on_garbage():
@@ -488,14 +491,14 @@ def test_a_lingering_close_is_bounded_in_bytes_and_in_time(processors, make_inst
 FAULTY = """
 import rinha
 parse_head, parse_payment, totals = rinha.parse_head, rinha.parse_payment, rinha.Server.totals
-def faulty_parse_head(head):
+def faulty_parse_head(head, limit):
     if head.startswith(b"GET /boom"):
         raise RuntimeError("injected fault")
-    return parse_head(head)
-def faulty_parse_payment(body):
+    return parse_head(head, limit)
+def faulty_parse_payment(body, limit):
     if b"boom" in body:
         raise RuntimeError("injected fault")
-    return parse_payment(body)
+    return parse_payment(body, limit)
 def faulty_totals(server, low, high, fresh):
     if low == 0:
         raise RuntimeError("injected fault")
@@ -585,15 +588,15 @@ def test_journal_replay_rebuilds_ledger_pending_pins_and_honours_purge(tmp_path)
                      b"garbage line\nC\n"
                      b"A 5 eee 100 6\nS 5 0 4")  # torn by a crash: the record is ignored, not the A
     ledger = rinha.Ledger()
-    journal = rinha.Journal(str(path))
-    pending, next_seq = journal.replay(ledger, rinha.RecentIds())
+    journal = rinha.Journal(str(path), CONFIG)
+    pending, next_seq = journal.replay(ledger, rinha.RecentIds(CONFIG.remembered_ids))
     assert ledger.window(0, 0, 10**6) == (1, 1990)
     assert pending == {1: [b"bbb", 500, 2, (1, 20)], 2: [b"ccc", 700, 3, None], 4: [b"bbb", 900, 5, None],
                        5: [b"eee", 100, 6, None]}
     assert next_seq == 6 and ledger.epoch == 7
     journal.open_compacted(ledger, pending)
     again = rinha.Ledger()
-    assert rinha.Journal(str(path)).replay(again, rinha.RecentIds()) == (pending, 6)
+    assert rinha.Journal(str(path), CONFIG).replay(again, rinha.RecentIds(CONFIG.remembered_ids)) == (pending, 6)
     assert again.window(0, 0, 10**6) == (1, 1990)
 
 
@@ -602,7 +605,7 @@ def test_a_short_journal_write_is_cut_back_so_the_next_record_survives(tmp_path)
     # lost at replay. Here the file-size limit makes the second append land short.
     import resource
     path = tmp_path / "j"
-    journal = rinha.Journal(str(path))
+    journal = rinha.Journal(str(path), CONFIG)
     journal.open_compacted(rinha.Ledger(), {})
     first, second, third = b"L 0 1 100\n", b"L 0 2 200" + b" " * 100 + b"\n", b"L 0 3 300\n"
     journal.append(first)
@@ -616,7 +619,7 @@ def test_a_short_journal_write_is_cut_back_so_the_next_record_survives(tmp_path)
     journal.append(third)
     assert path.read_bytes() == first + third
     ledger = rinha.Ledger()
-    rinha.Journal(str(path)).replay(ledger, rinha.RecentIds())
+    rinha.Journal(str(path), CONFIG).replay(ledger, rinha.RecentIds(CONFIG.remembered_ids))
     assert ledger.window(0, 0, 10) == (2, 400)
 
 
@@ -717,10 +720,8 @@ def test_a_full_disk_refuses_new_payments_forwards_accepted_ones_and_recovers_by
 # Queue
 # ---------------------------------------------------------------------------
 
-def test_the_queue_counts_every_unsettled_payment_and_is_nearly_full_by_waiting_ones(monkeypatch):
-    monkeypatch.setattr(rinha, "QUEUE_CAPACITY", 4)
-    monkeypatch.setattr(rinha, "FALLBACK_QUEUE_FRACTION", 0.5)
-    backlog = rinha.Backlog()
+def test_the_queue_counts_every_unsettled_payment_and_is_nearly_full_by_waiting_ones():
+    backlog = rinha.Backlog(rinha.Config(queue_capacity=4, fallback_queue_fraction=0.5))
     payments = [rinha.Payment(seq, b"cid%d" % seq, 100, 1) for seq in range(4)]
     for payment in payments:
         backlog.add(payment)
@@ -770,13 +771,13 @@ def test_upstream_pool_reuses_keep_alive_connections_against_the_emulator(fresh)
     default, _ = fresh
 
     async def scenario():
-        upstream = rinha.Upstream("default", default.url)
+        upstream = rinha.Upstream("default", default.url, 10.0)
         for _ in range(5):
             status, body = await upstream.request(b"GET", b"/payments/service-health")
             assert status == 200 and b"failing" in body
         assert len(upstream.idle) == 1
         with pytest.raises(rinha.UpstreamError):
-            await rinha.Upstream("nowhere", "http://127.0.0.1:9").request(b"GET", b"/")
+            await rinha.Upstream("nowhere", "http://127.0.0.1:9", 10.0).request(b"GET", b"/")
         upstream.close()
     asyncio.run(scenario())
 
@@ -807,7 +808,7 @@ def test_the_breaker_table_covers_every_state_and_signal_and_no_probe_stays_half
     assert set(rinha.BREAKER_TRANSITIONS) == {(s, g) for s in states for g in BREAKER_SIGNALS}
     for state in states:
         for learned in BREAKER_SIGNALS:
-            breaker = rinha.Breaker()
+            breaker = rinha.Breaker(CONFIG)
             breaker.state, breaker.retry_at = state, 5.0
             breaker.observe(learned, 10.0)
             if state is rinha.HALF_OPEN and learned in (rinha.SUCCESS, rinha.FAILURE, rinha.NEUTRAL):
@@ -819,12 +820,12 @@ def test_the_breaker_table_covers_every_state_and_signal_and_no_probe_stays_half
 
 
 def test_the_breaker_opens_after_consecutive_failures_and_lets_one_probe_through():
-    breaker = rinha.Breaker()
-    for _ in range(rinha.BREAKER_FAILURES):
+    breaker = rinha.Breaker(CONFIG)
+    for _ in range(CONFIG.breaker_failures):
         assert breaker.allows(0.0)
         breaker.observe(rinha.FAILURE, 0.0)
     assert breaker.state is rinha.OPEN and not breaker.allows(0.0)
-    later = rinha.BREAKER_RETRY_S + 0.01
+    later = CONFIG.breaker_retry_s + 0.01
     assert breaker.allows(later) and breaker.state is rinha.HALF_OPEN
     assert not breaker.allows(later)  # one probe at a time
     breaker.observe(rinha.FAILURE, later)
@@ -835,7 +836,7 @@ def test_the_breaker_opens_after_consecutive_failures_and_lets_one_probe_through
 
 
 def test_health_reports_open_a_closed_breaker_and_hasten_a_probe():
-    breaker = rinha.Breaker()
+    breaker = rinha.Breaker(CONFIG)
     breaker.observe(rinha.REPORTED_FAILING, 10.0)
     assert breaker.state is rinha.OPEN and not breaker.allows(10.0)
     breaker.observe(rinha.REPORTED_OK, 10.0)
@@ -845,7 +846,7 @@ def test_health_reports_open_a_closed_breaker_and_hasten_a_probe():
 def settled(state, outcome, journal_path):
     """A pipeline after one attempt of payment seq 7 ended in `outcome`, from `state`."""
     async def run():
-        pipeline = rinha.Pipeline(rinha.Journal(str(journal_path)), rinha.Ledger())
+        pipeline = rinha.Pipeline(CONFIG, rinha.Journal(str(journal_path), CONFIG), rinha.Ledger())
         pipeline.journal.open_compacted(pipeline.ledger, {})
         pipeline.running = False  # no attempt starts: only the transition is observed
         payment = rinha.Payment(7, b"cid", 1990, 1000, (rinha.DEFAULT, 555) if state is rinha.PINNED else None, 1.0)
@@ -887,7 +888,7 @@ def test_the_payment_table_covers_every_state_and_outcome_and_settle_applies_it(
 
 
 def test_the_backlog_check_finds_a_payment_in_two_places_or_with_fields_that_disagree():
-    backlog = rinha.Backlog()
+    backlog = rinha.Backlog(CONFIG)
     free, pinned = rinha.Payment(1, b"a", 100, 1), rinha.Payment(2, b"b", 100, 1, (rinha.FALLBACK, 9), 5.0)
     backlog.add(free)
     backlog.add(pinned)
@@ -912,11 +913,11 @@ def test_only_answers_that_cannot_have_stored_free_a_payment_and_only_proof_conf
 
 
 def test_a_payment_handed_to_an_attempt_not_yet_running_stays_in_the_snapshot_a_compaction_writes(
-        monkeypatch, tmp_path):
-    monkeypatch.setattr(rinha, "DEFAULT_PROCESSOR_URL", f"http://127.0.0.1:{free_port()}")
+        tmp_path):
+    config = rinha.Config(default_processor_url=f"http://127.0.0.1:{free_port()}")
 
     async def run():
-        pipeline = rinha.Pipeline(rinha.Journal(str(tmp_path / "j")), rinha.Ledger())
+        pipeline = rinha.Pipeline(config, rinha.Journal(str(tmp_path / "j"), CONFIG), rinha.Ledger())
         pipeline.journal.open_compacted(pipeline.ledger, {})
         pipeline.accept(b"cid", 1990)
         pipeline.pump()  # off the queue, to an attempt whose task has not run yet
@@ -928,14 +929,13 @@ def test_a_payment_handed_to_an_attempt_not_yet_running_stays_in_the_snapshot_a_
     assert (seq, cid, cents, pin[0]) == (0, b"cid", 1990, rinha.DEFAULT)  # pinned where it went
 
 
-def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_writes(monkeypatch, tmp_path):
+def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_writes(tmp_path):
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the lookup hangs
-    monkeypatch.setattr(rinha, "DEFAULT_PROCESSOR_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
-    monkeypatch.setattr(rinha, "PIN_SETTLE_S", 0.0)
-    monkeypatch.setattr(rinha, "PIN_CHECK_INTERVAL_S", 0.01)
+    config = rinha.Config(default_processor_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                          pin_settle_s=0.0, pin_check_interval_s=0.01)
 
     async def run():
-        pipeline = rinha.Pipeline(rinha.Journal(str(tmp_path / "j")), rinha.Ledger(),
+        pipeline = rinha.Pipeline(config, rinha.Journal(str(tmp_path / "j"), CONFIG), rinha.Ledger(),
                                   {5: [b"cid", 100, 1, (rinha.DEFAULT, 77)]}, 6)
         pipeline.lanes[rinha.DEFAULT].breaker.state = rinha.OPEN  # so the pin is looked up
         pipeline.lanes[rinha.DEFAULT].breaker.retry_at = 1e12
@@ -953,7 +953,7 @@ def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_wri
 
 
 def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_fallback():
-    pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
+    pipeline = rinha.Pipeline(CONFIG, rinha.Journal("/dev/null", CONFIG), rinha.Ledger())
     default, fallback = pipeline.lanes
     now = 1000.0
     assert pipeline.route(now) is default
@@ -961,9 +961,9 @@ def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_
     assert pipeline.route(now) is None
     default.in_flight = 0
     default.breaker.state, default.breaker.retry_at = rinha.OPEN, now + 10
-    default.breaker.failing_since = now - rinha.FALLBACK_AFTER_S + 1
+    default.breaker.failing_since = now - CONFIG.fallback_after_s + 1
     assert pipeline.route(now) is None  # down, not for long yet
-    default.breaker.failing_since = now - rinha.FALLBACK_AFTER_S
+    default.breaker.failing_since = now - CONFIG.fallback_after_s
     assert pipeline.route(now) is fallback
     fallback.breaker.state, fallback.breaker.retry_at = rinha.OPEN, now + 10
     assert pipeline.route(now) is None  # both down: hold
@@ -991,25 +991,25 @@ def answer(lane, sent, seconds, status=200):
 
 
 def test_the_in_flight_limit_follows_latency_at_once_within_its_bounds_and_halves_on_429():
-    lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9")
-    assert lane.limit == rinha.IN_FLIGHT_MIN
+    lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9", CONFIG)
+    assert lane.limit == CONFIG.in_flight_min
     answer(lane, 0.0, 0.001)  # a millisecond: a batch's worth in flight carries FORWARD_RATE
-    assert lane.limit == max(rinha.IN_FLIGHT_MIN, math.ceil(rinha.FORWARD_RATE * (lane.latency + rinha.FORWARD_BATCH_S)))
-    slow = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9")
+    assert lane.limit == max(CONFIG.in_flight_min, math.ceil(CONFIG.forward_rate * (lane.latency + CONFIG.forward_batch_s)))
+    slow = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9", CONFIG)
     answer(slow, 0.0, 2.0)  # issue 16: a 2 s processor got 4, then one more per answer
-    assert slow.limit == min(rinha.IN_FLIGHT_CAP, math.ceil(rinha.FORWARD_RATE * (slow.latency + rinha.FORWARD_BATCH_S)))
+    assert slow.limit == min(CONFIG.in_flight_cap, math.ceil(CONFIG.forward_rate * (slow.latency + CONFIG.forward_batch_s)))
     for _ in range(100):
         answer(slow, 0.0, 2.0)
-    assert slow.limit == rinha.IN_FLIGHT_CAP
+    assert slow.limit == CONFIG.in_flight_cap
     slow.throttled()
-    assert slow.limit == rinha.IN_FLIGHT_CAP // 2
+    assert slow.limit == CONFIG.in_flight_cap // 2
     answer(slow, 0.0, 2.0)
-    assert slow.limit == rinha.IN_FLIGHT_CAP // 2 + 1  # grows back one per answer
+    assert slow.limit == CONFIG.in_flight_cap // 2 + 1  # grows back one per answer
 
 
 def test_a_lane_keeps_the_promise_only_while_stores_land_within_the_margin():
-    lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9")
-    bound = rinha.PROMISE_MARGIN_S - rinha.PROMISE_HEADROOM_S
+    lane = rinha.Lane(rinha.DEFAULT, "http://127.0.0.1:9", CONFIG)
+    bound = CONFIG.promise_margin_s - CONFIG.promise_headroom_s
     assert lane.check_promise(100.0)
     answer(lane, 100.0, bound - 0.05)
     assert lane.check_promise(102.0) and lane.slow_since is None
@@ -1022,8 +1022,8 @@ def test_a_lane_keeps_the_promise_only_while_stores_land_within_the_margin():
     answer(lane, 106.0, 3.0, status=500)  # a failure stores nothing: it says nothing of stores
     assert lane.check_promise(110.0)
     mark = lane.sending(110.0)  # out longer than 3 x 10 ms (and SUSPECT_MIN_S): suspect at once
-    assert lane.check_promise(110.0 + rinha.SUSPECT_MIN_S * 0.9)
-    assert not lane.check_promise(110.0 + rinha.SUSPECT_MIN_S * 1.1)
+    assert lane.check_promise(110.0 + CONFIG.suspect_min_s * 0.9)
+    assert not lane.check_promise(110.0 + CONFIG.suspect_min_s * 1.1)
     lane.answered(mark, 110.5, None)  # no answer: it leaves the outstanding ones
     assert lane.check_promise(110.6) and not lane.outstanding
     stale = lane.sending(120.0)  # sent while it was slow, still out...
@@ -1037,7 +1037,7 @@ def test_a_lane_keeps_the_promise_only_while_stores_land_within_the_margin():
 
 
 def test_the_router_moves_off_a_slow_default_after_the_hold_probing_it_and_returns_when_it_is_fast():
-    pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
+    pipeline = rinha.Pipeline(CONFIG, rinha.Journal("/dev/null", CONFIG), rinha.Ledger())
     default, fallback = pipeline.lanes
     now = 1000.0
     answer(default, now - 3.0, 3.0)  # a store took 3 s: past the margin, and past what summaries wait for
@@ -1046,7 +1046,7 @@ def test_the_router_moves_off_a_slow_default_after_the_hold_probing_it_and_retur
     probe = default.sending(now)
     default.in_flight = 1
     assert pipeline.route(now) is None  # held: it may be a blip
-    later = now + rinha.PROMISE_HOLD_S
+    later = now + CONFIG.promise_hold_s
     default.check_promise(later)
     assert pipeline.route(later) is fallback
     fallback.in_flight = fallback.limit
@@ -1060,7 +1060,7 @@ def test_the_router_moves_off_a_slow_default_after_the_hold_probing_it_and_retur
 
 
 def test_a_slow_default_whose_late_stores_summaries_wait_for_is_probed_every_probe_interval():
-    pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
+    pipeline = rinha.Pipeline(CONFIG, rinha.Journal("/dev/null", CONFIG), rinha.Ledger())
     default, fallback = pipeline.lanes
     now = 1000.0
     answer(default, now - 2.0, 2.0)  # 2 s: past the margin, within PROMISE_MARGIN_S + SUMMARY_WAIT_S
@@ -1068,24 +1068,24 @@ def test_a_slow_default_whose_late_stores_summaries_wait_for_is_probed_every_pro
     assert pipeline.route(now) is default
     default.in_flight = 1
     assert pipeline.route(now) is None  # held, and the next probe not due yet
-    assert pipeline.route(now + rinha.PROBE_INTERVAL_S) is default  # another, the first still out
-    assert pipeline.route(now + rinha.PROBE_INTERVAL_S) is None
+    assert pipeline.route(now + CONFIG.probe_interval_s) is default  # another, the first still out
+    assert pipeline.route(now + CONFIG.probe_interval_s) is None
 
 
 def test_when_neither_processor_keeps_the_promise_the_default_takes_payments_after_fallback_after_s():
-    pipeline = rinha.Pipeline(rinha.Journal("/dev/null"), rinha.Ledger())
+    pipeline = rinha.Pipeline(CONFIG, rinha.Journal("/dev/null", CONFIG), rinha.Ledger())
     default, fallback = pipeline.lanes
     now = 1000.0
     for lane in pipeline.lanes:
         answer(lane, now - 3.0, 3.0)
         lane.check_promise(now)
     default.in_flight = 1  # the probe
-    assert pipeline.route(now + rinha.PROMISE_HOLD_S) is None
-    default.check_promise(now + rinha.FALLBACK_AFTER_S)
-    assert pipeline.route(now + rinha.FALLBACK_AFTER_S) is default  # late but paid beats held
+    assert pipeline.route(now + CONFIG.promise_hold_s) is None
+    default.check_promise(now + CONFIG.fallback_after_s)
+    assert pipeline.route(now + CONFIG.fallback_after_s) is default  # late but paid beats held
     answer(fallback, now, 0.001)  # fast again, but down: no better than slow
     fallback.breaker.state, fallback.breaker.retry_at = rinha.OPEN, now + 100
-    assert fallback.check_promise(now) and pipeline.route(now + rinha.PROMISE_HOLD_S) is None
+    assert fallback.check_promise(now) and pipeline.route(now + CONFIG.promise_hold_s) is None
 
 
 def test_two_instances_polling_health_never_draw_a_429_and_see_failure_and_recovery(make_processor, make_instance):
@@ -1166,7 +1166,7 @@ def test_a_default_down_longer_than_fallback_after_s_hands_everything_to_the_fal
     default.configure(failure=False)
     # Lets the breaker's BREAKER_RETRY_S pass since its last failed probe (it shows nowhere):
     # sent sooner, this payment would find the default still down and go to the fallback.
-    time.sleep(rinha.BREAKER_RETRY_S * 2)
+    time.sleep(CONFIG.breaker_retry_s * 2)
     assert instance.pay()[0] == 202  # the next probe of the default carries this one
     assert wait_until(lambda: drained(instance) and instance.health()["default"]["breaker"] == rinha.CLOSED)
     assert len(pay_many(instance, 20)) == 20  # back: the default takes them again
@@ -2068,7 +2068,7 @@ def test_a_replayed_journal_rebuilds_the_confirmation_log_entry_by_entry_and_its
     # Peers hold this log by index: compaction used to group it per processor, so after a
     # restart a peer's count pointed into a different order.
     path = str(tmp_path / "j")
-    journal, ledger = rinha.Journal(path), rinha.Ledger()
+    journal, ledger = rinha.Journal(path, CONFIG), rinha.Ledger()
     journal.open_compacted(ledger, {})
     confirmed = [(int(i % 3 == 0), 1000 + i * 7 % 13, 100 + i) for i in range(30)]  # interleaved, unsorted
     for seq, (processor, ms, cents) in enumerate(confirmed[:10]):
@@ -2078,12 +2078,12 @@ def test_a_replayed_journal_rebuilds_the_confirmation_log_entry_by_entry_and_its
         journal.append(b"C %d %d %d %d\n" % (seq, processor, ms, cents))
     for _ in range(3):  # a restart, and another: replay, then compaction
         again = rinha.Ledger()
-        pending, _ = rinha.Journal(path).replay(again, rinha.RecentIds())
+        pending, _ = rinha.Journal(path, CONFIG).replay(again, rinha.RecentIds(CONFIG.remembered_ids))
         assert list(again.entries()) == confirmed[10:] and again.epoch == 77
-        rinha.Journal(path).open_compacted(again, pending)
+        rinha.Journal(path, CONFIG).open_compacted(again, pending)
     # A compaction while running: the snapshot's log, then what was confirmed since.
-    journal, ledger = rinha.Journal(path), rinha.Ledger()
-    pending, _ = journal.replay(ledger, rinha.RecentIds())
+    journal, ledger = rinha.Journal(path, CONFIG), rinha.Ledger()
+    pending, _ = journal.replay(ledger, rinha.RecentIds(CONFIG.remembered_ids))
     journal.open_compacted(ledger, pending)
     snapshot, start = ledger.copy(), journal.end
     since = [(1, 999, 5), (0, 2000, 6)]
@@ -2092,7 +2092,7 @@ def test_a_replayed_journal_rebuilds_the_confirmation_log_entry_by_entry_and_its
         journal.append(b"C %d %d %d %d\n" % (seq, processor, ms, cents))
     asyncio.run(journal.compact(snapshot, pending, start))
     again = rinha.Ledger()
-    rinha.Journal(path).replay(again, rinha.RecentIds())
+    rinha.Journal(path, CONFIG).replay(again, rinha.RecentIds(CONFIG.remembered_ids))
     assert list(again.entries()) == list(ledger.entries()) == confirmed[10:] + since and again.epoch == 77
 
 
@@ -2209,7 +2209,7 @@ def test_health_reports_live_statistics(fresh, instance):
     assert (health["fallback"]["confirmed"], health["fallback"]["ledger_requests"]) == (0, 0)
     default.configure(failure=True)  # now failures: counted, and the breaker opens
     assert instance.pay()[0] == 202
-    assert wait_until(lambda: instance.health()["default"]["failed_attempts"] >= rinha.BREAKER_FAILURES)
+    assert wait_until(lambda: instance.health()["default"]["failed_attempts"] >= CONFIG.breaker_failures)
     health = instance.health()
     assert health["default"]["breaker"] != rinha.CLOSED and health["queue"] + health["in_flight"] == 1
     assert health["accepted"] == 11 and health["default"]["confirmed"] == 10

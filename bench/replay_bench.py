@@ -40,12 +40,12 @@ def main():
     try:
         path = os.path.join(directory, "journal")
         write_journal(path)
-        replays = [timed(lambda: rinha.Journal(path).replay(rinha.Ledger(), rinha.RecentIds()))[0] for _ in range(3)]
+        replays = [timed(lambda: rinha.Journal(path, rinha.Config()).replay(rinha.Ledger(), rinha.RecentIds(rinha.Config().remembered_ids)))[0] for _ in range(3)]
         print(f"journal of {CONFIRMED:,} confirmed and {PENDING:,} pending payments, "
               f"{os.path.getsize(path) / 1e6:.1f} MB: replay {statistics.median(replays):.2f} s "
               f"(median of 3; {min(replays):.2f}-{max(replays):.2f})")
-        journal, ledger = rinha.Journal(path), rinha.Ledger()
-        pending, _ = journal.replay(ledger, rinha.RecentIds())
+        journal, ledger = rinha.Journal(path, rinha.Config()), rinha.Ledger()
+        pending, _ = journal.replay(ledger, rinha.RecentIds(rinha.Config().remembered_ids))
         assert len(pending) == PENDING and sum(ledger.window(p, 0, 1 << 62)[0] for p in (0, 1)) == CONFIRMED
         print(f"start-up compaction {timed(lambda: journal.open_compacted(ledger, pending))[0]:.2f} s")
         print(f"ledger copy {1000 * timed(ledger.copy)[0]:.1f} ms")
