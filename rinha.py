@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -369,76 +370,189 @@ def parse_window(query):
 
 # ---------------------------------------------------------------------------
 # Ledger and journal
-# The ledger holds confirmed payments only, per processor, in flat integer arrays the
-# garbage collector never walks. The journal is an append-only file written before
-# every answer and every send; replaying it rebuilds the ledger and the queue.
+# The ledger holds confirmed payments only: history in files read through the page cache,
+# recent ones in flat integer arrays the garbage collector never walks. The journal is an
+# append-only file written before every answer and every send; replaying it rebuilds the
+# queue and mends the ledger's last entries.
 # ---------------------------------------------------------------------------
 
 
 class Ledger:
-    """Confirmed payments per processor: requestedAt (ms) kept sorted, and prefix sums of
-    cents, so a window's count and total are two binary searches and a subtraction. This
-    instance's own ledger also keeps its confirmation log: (processor, ms, cents) in the
-    order recorded, which is the order of the journal's C and L records, so a replay
-    rebuilds it entry by entry (the Replication section streams it by index). A replica of
-    a peer's ledger keeps no log. epoch names the stream: the last purge's, 0 before any."""
-    __slots__ = ("times", "prefix", "log", "epoch")
+    """Confirmed payments of one instance (its own, or a replica of a peer's), kept on disk so
+    that memory does not grow with history. Files, named path + suffix:
+      .log         every confirmation in the order recorded: (processor, requestedAt ms, cents),
+                   24 bytes each; replication streams it by index (see Replication)
+      .0, .1       per processor, the frozen history sorted by requestedAt: (ms, running total
+                   of cents), 16 bytes each, so a window is two binary searches and a subtraction
+      .checkpoint  what a restart reads: the epoch, how much of the log is accounted for, the
+                   frozen counts, and the tail; rewritten whole, then renamed into place
+    The tail, recent confirmations, stays in memory, sorted, until freeze() moves what lies
+    below `safe` (per processor: no confirmation can come below it any more) to the sorted
+    files. So memory holds the tail, start-up reads the checkpoint and the log written since,
+    and a window costs a few reads of the page cache, whatever the history."""
+    __slots__ = ("path", "fsync", "epoch", "log_fd", "logged", "unwritten", "sorted_fds", "frozen", "frozen_ms",
+                 "frozen_cents", "tail", "safe", "saved")
 
-    def __init__(self, keep_log=True):
-        self.log = array.array("q") if keep_log else None
-        self.epoch = 0
-        self.clear()
+    def __init__(self, path, fsync=False):
+        self.path, self.fsync = path, fsync
+        self.log_fd = os.open(path + ".log", os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self.sorted_fds = tuple(os.open(f"{path}.{p}", os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644) for p in (0, 1))
+        try:
+            with open(path + ".checkpoint", "rb") as file:
+                head, _, tail = file.read().partition(b"\n")
+            self.epoch, self.saved, *numbers = map(int, head.split())
+            self.frozen, self.frozen_ms, self.frozen_cents = numbers[0:2], numbers[2:4], numbers[4:6]
+        except FileNotFoundError:
+            self.epoch = self.saved = 0
+            self.frozen, self.frozen_ms, self.frozen_cents, tail = [0, 0], [-(1 << 62)] * 2, [0, 0], b""
+        self.safe = list(self.frozen_ms)
+        self.tail = tuple((array.array("q"), array.array("q")) for _ in (0, 1))  # (times, cents), sorted
+        for p, fd in enumerate(self.sorted_fds):  # a freeze cut short: records past the checkpoint's
+            os.ftruncate(fd, 16 * self.frozen[p])
+        size = os.fstat(self.log_fd).st_size
+        os.ftruncate(self.log_fd, size - size % 24)  # a torn last entry
+        self.logged, self.unwritten = size // 24, bytearray()
+        for at in range(0, len(tail), 24):
+            self.add(*LOG_ENTRY.unpack_from(tail, at))
+        self.add_packed(os.pread(self.log_fd, 24 * max(0, self.logged - self.saved), 24 * self.saved))
 
-    def clear(self, epoch=None):
-        """Empty it; a purge passes the epoch it starts."""
-        self.times = (array.array("q"), array.array("q"))
-        self.prefix = (array.array("q", [0]), array.array("q", [0]))
-        if self.log is not None:
-            self.log = array.array("q")
-        if epoch is not None:
-            self.epoch = epoch
+    def count(self):
+        """Entries in the log: every confirmation of this epoch."""
+        return self.logged
 
     def record(self, processor, ms, cents):
-        if self.log is not None:
-            self.log.extend((processor, ms, cents))
-        times, prefix = self.times[processor], self.prefix[processor]
-        if not times or ms >= times[-1]:
+        self.extend(LOG_ENTRY.pack(processor, ms, cents))
+
+    def extend(self, packed):
+        """Add log entries (packed LOG_ENTRY triples) to the tail, and to the log at the next
+        flush(): every TICK_S (one write for many), and before a checkpoint."""
+        self.unwritten += packed
+        self.logged += len(packed) // 24
+        self.add_packed(packed)
+
+    def flush(self):
+        """Write the log's new entries; False if the disk refused them (kept for the next try:
+        the journal's C records have them too, for a restart meanwhile)."""
+        if not self.unwritten:
+            return True
+        size = 24 * self.logged - len(self.unwritten)
+        try:
+            if os.write(self.log_fd, self.unwritten) == len(self.unwritten):
+                self.unwritten.clear()
+                return True
+        except OSError as error:
+            log(f"ledger write failed: {error}")
+        os.ftruncate(self.log_fd, size)
+        return False
+
+    def add_packed(self, packed):
+        for entry in LOG_ENTRY.iter_unpack(packed):
+            self.add(*entry)
+
+    def add(self, processor, ms, cents):
+        times, amounts = self.tail[processor]
+        if times and ms < times[-1]:  # out of order: sent before one confirmed earlier
+            at = bisect.bisect_right(times, ms)
+            times.insert(at, ms)
+            amounts.insert(at, cents)
+        else:
             times.append(ms)
-            prefix.append(prefix[-1] + cents)
-            return
-        # Out of order: only payments sent after this one and confirmed before it follow.
-        at = bisect.bisect_right(times, ms)
-        times.insert(at, ms)
-        prefix.insert(at + 1, prefix[at] + cents)
-        for i in range(at + 2, len(prefix)):
-            prefix[i] += cents
+            amounts.append(cents)
+
+    def read(self, start, end):
+        """Log entries start..end-1, packed (what replication sends)."""
+        written = self.logged - len(self.unwritten) // 24
+        data = os.pread(self.log_fd, 24 * (min(end, written) - start), 24 * start) if start < written else b""
+        return data + self.unwritten[24 * max(0, start - written):24 * (end - written)] if end > written else data
 
     def window(self, processor, low, high):
         """(count, cents) of payments with low <= requestedAt <= high."""
-        times, prefix = self.times[processor], self.prefix[processor]
-        first = bisect.bisect_left(times, low)
-        last = bisect.bisect_right(times, high)
-        if last <= first:
-            return 0, 0
-        return last - first, prefix[last] - prefix[first]
+        times, amounts = self.tail[processor]
+        first, last = bisect.bisect_left(times, low), bisect.bisect_right(times, high)
+        count, cents = max(0, last - first), sum(amounts[first:last])
+        column = FrozenColumn(self.sorted_fds[processor])
+        frozen = self.frozen[processor]
+        if frozen and low <= self.frozen_ms[processor]:
+            first = bisect.bisect_left(column, low, 0, frozen)
+            last = bisect.bisect_right(column, high, first, frozen)
+            if last > first:
+                count += last - first
+                cents += column.running(last - 1) - (column.running(first - 1) if first else 0)
+        return count, cents
 
-    def count(self):
-        return len(self.times[DEFAULT]) + len(self.times[FALLBACK])
+    def freeze(self):
+        """Move the tail's entries below `safe` to the sorted files, then save a checkpoint.
+        An entry below what is frozen already (the clock went back) stays in the tail."""
+        moved = False
+        for p, (times, amounts) in enumerate(self.tail):
+            first = bisect.bisect_left(times, self.frozen_ms[p])
+            last = bisect.bisect_left(times, self.safe[p])
+            if last <= first:
+                continue
+            out, running = bytearray(), self.frozen_cents[p]
+            for ms, cents in zip(times[first:last], amounts[first:last]):
+                running += cents
+                out += FROZEN_ENTRY.pack(ms, running)
+            if os.write(self.sorted_fds[p], out) != len(out):
+                os.ftruncate(self.sorted_fds[p], 16 * self.frozen[p])
+                raise OSError(errno.ENOSPC, "short write")
+            self.frozen[p] += last - first
+            self.frozen_ms[p], self.frozen_cents[p] = times[last - 1], running
+            del times[first:last], amounts[first:last]
+            moved = True
+        if moved or self.saved != self.logged:
+            self.save()
 
-    def entries(self):
-        """(processor, ms, cents) in confirmation order: how a compaction writes its L lines."""
-        log = self.log
-        for i in range(0, len(log), 3):
-            yield log[i], log[i + 1], log[i + 2]
+    def save(self):
+        if not self.flush():
+            return
+        if self.fsync:
+            for fd in (self.log_fd, *self.sorted_fds):
+                os.fsync(fd)
+        tail = b"".join(LOG_ENTRY.pack(p, ms, cents) for p, (times, amounts) in enumerate(self.tail)
+                        for ms, cents in zip(times, amounts))
+        head = b" ".join(b"%d" % n for n in (self.epoch, self.logged, *self.frozen, *self.frozen_ms, *self.frozen_cents))
+        temporary = self.path + ".checkpoint.new"
+        with open(temporary, "wb") as file:
+            file.write(head + b"\n" + tail)
+            if self.fsync:
+                os.fsync(file.fileno())
+        os.replace(temporary, self.path + ".checkpoint")
+        self.saved = self.logged
 
-    def copy(self):
-        """A snapshot (a memory copy of the arrays: about 2 ms per million payments)."""
-        twin = Ledger.__new__(Ledger)
-        twin.times = tuple(column[:] for column in self.times)
-        twin.prefix = tuple(column[:] for column in self.prefix)
-        twin.log = None if self.log is None else self.log[:]
-        twin.epoch = self.epoch
-        return twin
+    def clear(self, epoch):
+        """Empty it: a purge, which starts `epoch`."""
+        for fd in (self.log_fd, *self.sorted_fds):
+            os.ftruncate(fd, 0)
+        self.epoch, self.logged = epoch, 0
+        self.unwritten.clear()
+        self.frozen, self.frozen_ms, self.frozen_cents = [0, 0], [-(1 << 62)] * 2, [0, 0]
+        self.safe = list(self.frozen_ms)
+        for times, amounts in self.tail:
+            del times[:], amounts[:]
+        self.save()
+
+    def close(self):
+        for fd in (self.log_fd, *self.sorted_fds):
+            os.close(fd)
+
+
+LOG_ENTRY = struct.Struct("=qqq")  # processor, requestedAt ms, cents
+FROZEN_ENTRY = struct.Struct("=qq")  # requestedAt ms, running total of cents
+
+
+class FrozenColumn:
+    """A sorted file's requestedAt column as a sequence, for bisect: one pread per probe."""
+    __slots__ = ("fd",)
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __getitem__(self, index):
+        return FROZEN_ENTRY.unpack(os.pread(self.fd, 16, 16 * index))[0]
+
+    def running(self, index):
+        return FROZEN_ENTRY.unpack(os.pread(self.fd, 16, 16 * index))[1]
 
 
 def window_totals(ledger, low, high):
@@ -476,12 +590,11 @@ class RecentIds:
 RECORDS = {  # kind -> (format, meaning)
     b"A": (b"A %d %s %d %d\n", "accepted: seq cid cents accepted_ms"),
     b"S": (b"S %d %d %d\n", "about to send: seq processor requested_ms"),
-    b"C": (b"C %d %d %d %d\n", "confirmed: seq processor requested_ms cents"),
+    b"C": (b"C %d %d %d %d %d\n", "confirmed: seq processor requested_ms cents, its index in the ledger's log"),
     b"X": (b"X %d\n", "settled, not ours (a duplicate, or refused for good): seq"),
     b"U": (b"U %d\n", "an attempt proved not stored, the payment unpinned: seq"),
     b"P": (b"P %d\n", "purge, the ledger emptied: epoch"),
     b"I": (b"I %s\n", "an id accepted here or by a peer, remembered (written by peers and compactions): cid"),
-    b"L": (b"L %d %d %d\n", "a confirmed payment, compacted: processor requested_ms cents"),
 }
 FIELD_TYPES = {kind: tuple(bytes if spec == b"%s" else int for spec in re.findall(rb"%[ds]", layout))
                for kind, (layout, _) in RECORDS.items()}
@@ -524,9 +637,11 @@ class Journal:
         self.compacting = False
 
     def replay(self, ledger, recent):
-        """Rebuild the ledger and the remembered ids (a RecentIds); return (pending payments
-        {seq: [cid, cents, accepted_ms, pin]} in order of acceptance, the next free seq)."""
-        pending, next_seq = {}, 0
+        """Rebuild the remembered ids (a RecentIds) and mend the ledger: a confirmation the
+        journal holds and the ledger's log lacks (written first here, then there) is added.
+        Return (pending payments {seq: [cid, cents, accepted_ms, pin]} in order of acceptance,
+        the next free seq). It reads the journal since its last compaction only."""
+        pending, next_seq, epoch = {}, 0, 0
         if not os.path.exists(self.path):
             return pending, next_seq
         with open(self.path, "rb") as file:
@@ -539,10 +654,10 @@ class Journal:
             except ValueError:
                 log(f"journal line {number} unreadable, skipped: {line[:80]!r}")
                 continue
-            if kind == b"L":
-                ledger.record(*fields)
-            elif kind == b"P":  # a purge; also heads a compaction
-                ledger.clear(fields[0])
+            if kind == b"P":  # a purge; also heads a compaction
+                epoch = fields[0]
+                if ledger.epoch < epoch:  # stopped between the two
+                    ledger.clear(epoch)
                 recent.reset()
             elif kind == b"I":
                 recent.add(fields[0])
@@ -552,7 +667,8 @@ class Journal:
                 recent.add(cid)
                 next_seq = max(next_seq, seq + 1)
             elif kind == b"C":
-                ledger.record(*fields[1:])
+                if epoch == ledger.epoch and fields[4] == ledger.count():
+                    ledger.record(*fields[1:4])
                 pending.pop(fields[0], None)
             elif kind == b"X":
                 pending.pop(fields[0], None)
@@ -573,7 +689,8 @@ class Journal:
     def open_compacted(self, ledger, pending, remembered=()):
         """At start: open it and compact it at once (the same compaction as while running)."""
         self.open()
-        for _ in self.compaction(ledger, pending, self.end, remembered, "at start"):
+        ledger.save()  # every confirmation the journal mended is in the ledger's files first
+        for _ in self.compaction(ledger.epoch, pending, self.end, remembered, "at start"):
             pass
 
     def replace_with(self, temporary):
@@ -589,14 +706,14 @@ class Journal:
     def due_for_compaction(self):
         return not self.compacting and self.end > max(self.config.journal_compact_bytes, 2 * self.compacted)
 
-    async def compact(self, ledger, pending, start, remembered=()):
+    async def compact(self, epoch, pending, start, remembered=()):
         """While running: compaction() one slice per turn of the loop."""
-        for _ in self.compaction(ledger, pending, start, remembered):
+        for _ in self.compaction(epoch, pending, start, remembered):
             await asyncio.sleep(0)
 
-    def compaction(self, ledger, pending, start, remembered, when="while running"):
-        """Write the state as it was when the journal ended at `start` (ledger: a copy while
-        running, pending payments, remembered ids) to a new file, JOURNAL_COMPACT_SLICE records
+    def compaction(self, epoch, pending, start, remembered, when="while running"):
+        """Write the state as it was when the journal ended at `start` (the ledger's epoch,
+        pending payments, remembered ids) to a new file, JOURNAL_COMPACT_SLICE records
         per step (the caller may run the loop between steps); then, in one step, add the
         records appended since, sync, and rename it over the journal. A crash before the
         rename leaves the old journal whole; after it, the new one. If it fails (a full disk),
@@ -605,7 +722,7 @@ class Journal:
         self.compacting = True
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            records = snapshot_records(ledger, pending, remembered)
+            records = snapshot_records(epoch, pending, remembered)
             while True:
                 chunk = b"".join(itertools.islice(records, self.config.journal_compact_slice))
                 if not chunk:
@@ -683,15 +800,12 @@ class Journal:
         return self.end
 
 
-def snapshot_records(ledger, pending, remembered=()):
-    """The journal records that rebuild this state: the epoch (after a purge), the ledger's
-    payments as L records in confirmation order (so a replay rebuilds the confirmation log
-    entry by entry: peers hold it by index, see Replication), the ids still remembered, then
-    the pending payments ({seq: [cid, cents, accepted_ms, pin]}) with their pins."""
-    if ledger.epoch:
-        yield record(b"P", ledger.epoch)
-    for entry in ledger.entries():
-        yield record(b"L", *entry)
+def snapshot_records(epoch, pending, remembered=()):
+    """The journal records that rebuild this state: the epoch (after a purge), the ids still
+    remembered, then the pending payments ({seq: [cid, cents, accepted_ms, pin]}) with their
+    pins. Confirmed payments are the ledger's, in its own files."""
+    if epoch:
+        yield record(b"P", epoch)
     for cid in remembered:
         yield record(b"I", cid)
     for seq, (cid, cents, accepted, pin) in pending.items():
@@ -1429,9 +1543,10 @@ class Pipeline:
         if after is QUEUED:
             self.journal_quietly(record(b"U", seq))
         elif after is CONFIRMED:
-            lane.confirmed += 1
-            self.ledger.record(lane.index, requested, payment.cents)
-            self.journal_quietly(record(b"C", seq, lane.index, requested, payment.cents))
+            lane.confirmed += 1  # the journal first: a replay adds what the ledger then lacks
+            ledger = self.ledger
+            self.journal_quietly(record(b"C", seq, lane.index, requested, payment.cents, ledger.count()))
+            ledger.record(lane.index, requested, payment.cents)
         elif after is NOT_OURS:
             if outcome is REJECTED:
                 self.rejected += 1
@@ -1454,6 +1569,14 @@ class Pipeline:
         while time.monotonic() < deadline and any(low <= p.requested_ms <= high for p in flying.values()):
             await asyncio.sleep(0.005)
 
+    def safe_below(self):
+        """Per processor, a requestedAt below which no confirmation can come any more: that of
+        the oldest attempt that may still land there (pinned, or under way), else now."""
+        safe = [now_ms(), now_ms()]
+        for payment in itertools.chain(*self.backlog.pinned, self.backlog.flying.values()):
+            safe[payment.processor] = min(safe[payment.processor], payment.requested_ms)
+        return safe
+
     def pending_ids(self):
         return [entry[0] for entry in self.backlog.pending().values()]
 
@@ -1461,7 +1584,8 @@ class Pipeline:
         journal = self.journal
         if journal.due_for_compaction():
             journal.compacting = True  # the state and the offset it matches, taken together:
-            work = journal.compact(self.ledger.copy(), self.backlog.pending(), journal.end, list(self.recent.order))
+            self.ledger.save()
+            work = journal.compact(self.ledger.epoch, self.backlog.pending(), journal.end, list(self.recent.order))
             asyncio.get_running_loop().create_task(work)
 
     def journal_quietly(self, line):
@@ -1590,13 +1714,21 @@ class Replication:
         self.ledger = ledger
         self.recent = recent  # the pipeline's RecentIds: ids accepted here or by a peer
         self.journal = journal  # where ids learnt from peers are kept across a restart
-        self.replicas = {}  # origin (a peer's INSTANCE_ID, bytes) -> Ledger without a log
+        self.replicas = {}  # origin (a peer's INSTANCE_ID, bytes) -> Ledger, in files beside the journal
+        directory, prefix = os.path.split(os.path.abspath(config.journal_path))
+        for name in sorted(os.listdir(directory)):  # those kept before a restart
+            if name.startswith(prefix + ".replica-") and name.endswith(".log"):
+                origin = name[len(prefix) + 9:-4].encode()
+                self.replicas[origin] = Ledger(self.replica_path(origin), config.journal_fsync)
         self.complete = set()  # origins whose whole log we have held since we started
         self.streams = [PeerStream(peer, config.replica_heartbeat_s) for peer in peers]
         self.batch = max(1, min(config.replica_batch, (config.max_body_bytes - 256) // REPLICA_ENTRY_BYTES))
         self.started = time.monotonic()
         self.is_ready = not peers
         self.tasks = []
+
+    def replica_path(self, origin):
+        return f"{self.config.journal_path}.replica-{origin.decode()}"
 
     # -- sending -----------------------------------------------------------
     def start(self):
@@ -1635,15 +1767,14 @@ class Replication:
     def lacks(self, stream):
         """Whether the peer may lack entries of our log, as far as we know."""
         ledger = self.ledger
-        return stream.held is None or stream.epoch != ledger.epoch or stream.held < len(ledger.log) // 3
+        return stream.held is None or stream.epoch != ledger.epoch or stream.held < ledger.count()
 
     async def exchange(self, stream):
         """One batch to the peer; True if the peer answered and there is more to send at
         once: ids that did not fit, or entries it still lacks after moving on."""
         stream.sent_at = time.monotonic()
         ledger = self.ledger
-        epoch, log_ = ledger.epoch, ledger.log
-        total = len(log_) // 3
+        epoch, total = ledger.epoch, ledger.count()
         known = stream.held is not None and stream.epoch == epoch
         offset = min(stream.held, total) if known else total  # unknown: ask where it is
         ids = stream.ids
@@ -1654,8 +1785,8 @@ class Replication:
         end = min(total, offset + min(self.batch, (self.config.max_body_bytes - 256 - sent_ids) // REPLICA_ENTRY_BYTES))
         replica = self.replicas.get(stream.name)
         mine = replica.count() if replica is not None and replica.epoch == epoch else -1
-        body = b"%s %d %d %d %d %d\n%s%s" % (self.origin, epoch, offset, total, mine, sent_ids // 36,
-                                               log_[3 * offset:3 * end].tobytes(), ids[:sent_ids])
+        body = b"%s %d %d %d %d %d %d %d\n%s%s" % (self.origin, epoch, offset, total, mine, *ledger.safe,
+                                                     sent_ids // 36, ledger.read(offset, end), ids[:sent_ids])
         try:
             status, answer = await stream.peer.request(b"POST", REPLICA_PATH, body, b"", self.config.peer_timeout_s)
             if status != 200:
@@ -1680,7 +1811,7 @@ class Replication:
             return False
         moved = not known or held > offset
         stream.epoch, stream.held = epoch, held
-        return ids_left or (moved and held < len(ledger.log) // 3)
+        return ids_left or (moved and held < ledger.count())
 
     async def stop(self):
         """Stop streaming, then send each answering peer what it still lacks (bounded by
@@ -1704,10 +1835,10 @@ class Replication:
         """Apply one batch from a peer; the answer's body. InvalidRequest if malformed."""
         head, newline, payload = body.partition(b"\n")
         try:
-            origin, epoch, offset, total, mine, count = head.split()
-            epoch, offset, total, mine, count = int(epoch), int(offset), int(total), int(mine), int(count)
+            origin, *numbers = head.split()
+            epoch, offset, total, mine, safe_default, safe_fallback, count = map(int, numbers)
         except ValueError:
-            raise InvalidRequest("expected 'origin epoch offset total mine ids' and a newline") from None
+            raise InvalidRequest("expected 'origin epoch offset total mine safe safe ids' and a newline") from None
         at = len(payload) - 36 * count
         if not newline or count < 0 or at < 0 or at % REPLICA_ENTRY_BYTES:
             raise InvalidRequest("entries must be whole int64 triples, then the ids")
@@ -1716,8 +1847,8 @@ class Replication:
             raise InvalidRequest("ids must be 36-byte correlationIds")
         entries = array.array("q")
         entries.frombytes(payload[:at])
-        if origin == self.origin:
-            raise InvalidRequest("a peer has this instance's INSTANCE_ID")
+        if origin == self.origin or not re.fullmatch(rb"[\w.-]{1,64}", origin):
+            raise InvalidRequest("a peer's INSTANCE_ID must be its own: letters, digits, '_', '.', '-'")
         if offset < 0 or offset + len(entries) // 3 > total or not all(p in (0, 1) for p in entries[::3]):
             raise InvalidRequest("entries out of range")
         if ids:  # accepted by the peer: a client's retry that reaches us is not forwarded again
@@ -1729,17 +1860,17 @@ class Replication:
                 log(f"journal write failed: {error}")
         replica = self.replicas.get(origin)
         if replica is None:
-            replica = self.replicas[origin] = Ledger(keep_log=False)
+            replica = self.replicas[origin] = Ledger(self.replica_path(origin), self.config.journal_fsync)
             replica.clear(self.ledger.epoch)
         if epoch > replica.epoch or (epoch == replica.epoch and total < replica.count()):
             replica.clear(epoch)  # a purge we have not heard of yet, or its journal was lost
             self.complete.discard(origin)
         if epoch == replica.epoch:
             held = replica.count()
-            if offset <= held:
-                for i in range(3 * (held - offset), len(entries), 3):
-                    replica.record(entries[i], entries[i + 1], entries[i + 2])
-            if replica.count() >= total:
+            if offset <= held < offset + len(entries) // 3:
+                replica.extend(payload[REPLICA_ENTRY_BYTES * (held - offset):at])
+            if replica.count() >= total:  # all of it: nothing will come below the origin's safe
+                replica.safe = [safe_default, safe_fallback]
                 self.complete.add(origin)
         for stream in self.streams:  # the sender lacks part of our log (restarted): send now
             if (stream.name in (origin, None) and epoch == self.ledger.epoch
@@ -1831,9 +1962,15 @@ class Server:
         if late > self.config.stall_s:
             self.resumed_at = self.last_tick
         self.replication.nudge_idle()
+        ledgers = (self.pipeline.ledger, *self.replication.replicas.values())
+        for ledger in ledgers:
+            ledger.flush()
         self.ticks += 1
         if self.ticks * self.config.tick_s >= 1.0:
             self.ticks = 0
+            self.pipeline.ledger.safe = self.pipeline.safe_below()
+            for ledger in ledgers:
+                ledger.freeze()
             self.loop_lag, self.lag_now = self.lag_now, 0.0
             self.sweep()
             self.pipeline.journal.retry_reserve()
@@ -2232,7 +2369,8 @@ async def serve(config, stop=None, started=None):
     `stop` is done, calling started(server) once it listens."""
     LOG.name = config.instance_id
     loop = asyncio.get_running_loop()
-    ledger, journal, recent = Ledger(), Journal(config.journal_path, config), RecentIds(config.remembered_ids)
+    ledger = Ledger(config.journal_path + ".ledger", config.journal_fsync)
+    journal, recent = Journal(config.journal_path, config), RecentIds(config.remembered_ids)
     pending, next_seq = journal.replay(ledger, recent)
     journal.open_compacted(ledger, pending, list(recent.order))
     pipeline = Pipeline(config, journal, ledger, pending, next_seq, recent)
@@ -2297,6 +2435,9 @@ async def serve(config, stop=None, started=None):
         upstream.close()
     gc.callbacks.remove(server.on_gc)
     os.close(journal.fd)
+    for ledger in (ledger, *server.replication.replicas.values()):
+        ledger.save()
+        ledger.close()
     log(f"stopped; {pipeline.backlog.unsettled()} payments left in the journal for the next start")
 
 
