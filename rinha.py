@@ -24,6 +24,7 @@ Where to start: read the sections in order; each is a step of a payment's path.
 import array
 import asyncio
 import bisect
+import ctypes
 import errno
 import gc
 import itertools
@@ -66,6 +67,7 @@ class Config:
     journal_retry_s: float = 0.5
     journal_compact_bytes: int = 16 << 20
     journal_compact_slice: int = 2000
+    history_retention_s: float = 0.0  # 0: keep every confirmed payment
     purge_token: str = ""
     queue_capacity: int = 100_000
     remembered_ids: int = 200_000
@@ -249,6 +251,7 @@ class RequestTimeout(HttpError): status = b"408 Request Timeout"
 class InvalidRequest(HttpError): status, closes = b"400 Bad Request", False  # a bad body or query
 class NotFound(HttpError): status, closes = b"404 Not Found", False
 class Forbidden(HttpError): status, closes = b"403 Forbidden", False
+class HistoryDropped(HttpError): status, closes = b"410 Gone", False  # before HISTORY_RETENTION_S
 class Unavailable(HttpError): status, closes = b"503 Service Unavailable", False
 class PeerUnavailable(HttpError): status, closes = b"502 Bad Gateway", False
 
@@ -385,13 +388,15 @@ class Ledger:
       .0, .1       per processor, the frozen history sorted by requestedAt: (ms, running total
                    of cents), 16 bytes each, so a window is two binary searches and a subtraction
       .checkpoint  what a restart reads: the epoch, how much of the log is accounted for, the
-                   frozen counts, and the tail; rewritten whole, then renamed into place
+                   frozen counts, what retention dropped, and the tail; rewritten whole, renamed
     The tail, recent confirmations, stays in memory, sorted, until freeze() moves what lies
     below `safe` (per processor: no confirmation can come below it any more) to the sorted
     files. So memory holds the tail, start-up reads the checkpoint and the log written since,
-    and a window costs a few reads of the page cache, whatever the history."""
+    and a window costs a few reads of the page cache, whatever the history. Retention (drop)
+    frees the disk blocks of what is older than HISTORY_RETENTION_S; indexes do not move.
+    A window that starts before `kept_from` (the oldest time still whole) is refused."""
     __slots__ = ("path", "fsync", "epoch", "log_fd", "logged", "unwritten", "sorted_fds", "frozen", "frozen_ms",
-                 "frozen_cents", "tail", "safe", "saved")
+                 "frozen_cents", "kept", "kept_from", "base", "tail", "safe", "saved")
 
     def __init__(self, path, fsync=False):
         self.path, self.fsync = path, fsync
@@ -400,11 +405,11 @@ class Ledger:
         try:
             with open(path + ".checkpoint", "rb") as file:
                 head, _, tail = file.read().partition(b"\n")
-            self.epoch, self.saved, *numbers = map(int, head.split())
-            self.frozen, self.frozen_ms, self.frozen_cents = numbers[0:2], numbers[2:4], numbers[4:6]
+            self.epoch, self.saved, *numbers, self.kept_from, self.base = map(int, head.split())
+            self.frozen, self.frozen_ms, self.frozen_cents, self.kept = (numbers[i:i + 2] for i in (0, 2, 4, 6))
         except FileNotFoundError:
-            self.epoch = self.saved = 0
-            self.frozen, self.frozen_ms, self.frozen_cents, tail = [0, 0], [-(1 << 62)] * 2, [0, 0], b""
+            self.start(0)
+            tail = b""
         self.safe = list(self.frozen_ms)
         self.tail = tuple((array.array("q"), array.array("q")) for _ in (0, 1))  # (times, cents), sorted
         for p, fd in enumerate(self.sorted_fds):  # a freeze cut short: records past the checkpoint's
@@ -465,25 +470,32 @@ class Ledger:
         data = os.pread(self.log_fd, 24 * (min(end, written) - start), 24 * start) if start < written else b""
         return data + self.unwritten[24 * max(0, start - written):24 * (end - written)] if end > written else data
 
+    def start(self, epoch, base=0, kept_from=-(1 << 62)):
+        """Empty, at `epoch`; with `base`, its log starts there (what came before was dropped)."""
+        self.epoch, self.saved, self.base, self.kept_from = epoch, base, base, kept_from
+        self.frozen, self.frozen_ms, self.frozen_cents, self.kept = [0, 0], [-(1 << 62)] * 2, [0, 0], [0, 0]
+
     def window(self, processor, low, high):
-        """(count, cents) of payments with low <= requestedAt <= high."""
+        """(count, cents) of payments with low <= requestedAt <= high (low >= kept_from)."""
         times, amounts = self.tail[processor]
         first, last = bisect.bisect_left(times, low), bisect.bisect_right(times, high)
         count, cents = max(0, last - first), sum(amounts[first:last])
         column = FrozenColumn(self.sorted_fds[processor])
         frozen = self.frozen[processor]
         if frozen and low <= self.frozen_ms[processor]:
-            first = bisect.bisect_left(column, low, 0, frozen)
+            first = bisect.bisect_left(column, low, self.kept[processor], frozen)
             last = bisect.bisect_right(column, high, first, frozen)
             if last > first:
                 count += last - first
                 cents += column.running(last - 1) - (column.running(first - 1) if first else 0)
         return count, cents
 
-    def freeze(self):
-        """Move the tail's entries below `safe` to the sorted files, then save a checkpoint.
-        An entry below what is frozen already (the clock went back) stays in the tail."""
-        moved = False
+    def freeze(self, drop_before=None):
+        """Move the tail's entries below `safe` to the sorted files, drop what is older than
+        `drop_before` (ms), then save a checkpoint. An entry below what is frozen already (the
+        clock went back) stays in the tail."""
+        punches = self.drop(drop_before) if drop_before is not None else []
+        moved = bool(punches)
         for p, (times, amounts) in enumerate(self.tail):
             first = bisect.bisect_left(times, self.frozen_ms[p])
             last = bisect.bisect_left(times, self.safe[p])
@@ -500,18 +512,44 @@ class Ledger:
             self.frozen_ms[p], self.frozen_cents[p] = times[last - 1], running
             del times[first:last], amounts[first:last]
             moved = True
-        if moved or self.saved != self.logged:
-            self.save()
+        if (moved or self.saved != self.logged) and self.save():
+            for fd, end in punches:  # once the checkpoint no longer needs them
+                free_blocks(fd, end)
+
+    def drop(self, before):
+        """Forget frozen payments older than `before`, and the log entries they were (up to
+        what the checkpoint holds); the (fd, end) whose blocks the next checkpoint frees."""
+        punches = []
+        for p, fd in enumerate(self.sorted_fds):
+            kept = bisect.bisect_left(FrozenColumn(fd), before, self.kept[p], self.frozen[p])
+            if kept > self.kept[p]:  # the entry before the first kept stays: its running total
+                self.kept[p] = kept
+                punches.append((fd, 16 * (kept - 1)))
+        base = self.base
+        while base < self.saved:
+            chunk = os.pread(self.log_fd, 24 * min(4096, self.saved - base), 24 * base)
+            older = next((i for i, (_, ms, _) in enumerate(LOG_ENTRY.iter_unpack(chunk)) if ms >= before), None)
+            base += len(chunk) // 24 if older is None else older
+            if older is not None:
+                break
+        if base > self.base:
+            self.base = base
+            punches.append((self.log_fd, 24 * base))
+        if punches:
+            self.kept_from = max(self.kept_from, before)
+        return punches
 
     def save(self):
+        """Write the checkpoint (the log first); False if the disk refused the log."""
         if not self.flush():
-            return
+            return False
         if self.fsync:
             for fd in (self.log_fd, *self.sorted_fds):
                 os.fsync(fd)
         tail = b"".join(LOG_ENTRY.pack(p, ms, cents) for p, (times, amounts) in enumerate(self.tail)
                         for ms, cents in zip(times, amounts))
-        head = b" ".join(b"%d" % n for n in (self.epoch, self.logged, *self.frozen, *self.frozen_ms, *self.frozen_cents))
+        head = b" ".join(b"%d" % n for n in (self.epoch, self.logged, *self.frozen, *self.frozen_ms,
+                                              *self.frozen_cents, *self.kept, self.kept_from, self.base))
         temporary = self.path + ".checkpoint.new"
         with open(temporary, "wb") as file:
             file.write(head + b"\n" + tail)
@@ -519,14 +557,17 @@ class Ledger:
                 os.fsync(file.fileno())
         os.replace(temporary, self.path + ".checkpoint")
         self.saved = self.logged
+        return True
 
-    def clear(self, epoch):
-        """Empty it: a purge, which starts `epoch`."""
+    def clear(self, epoch, base=0, kept_from=-(1 << 62)):
+        """Empty it: a purge, which starts `epoch`; or a replica whose origin dropped its log
+        before `base` (retention) and kept what is newer than `kept_from`."""
         for fd in (self.log_fd, *self.sorted_fds):
             os.ftruncate(fd, 0)
-        self.epoch, self.logged = epoch, 0
+        self.start(epoch, base, kept_from)
+        os.ftruncate(self.log_fd, 24 * base)  # a hole: entry i stays at offset 24 i
+        self.logged = base
         self.unwritten.clear()
-        self.frozen, self.frozen_ms, self.frozen_cents = [0, 0], [-(1 << 62)] * 2, [0, 0]
         self.safe = list(self.frozen_ms)
         for times, amounts in self.tail:
             del times[:], amounts[:]
@@ -539,6 +580,17 @@ class Ledger:
 
 LOG_ENTRY = struct.Struct("=qqq")  # processor, requestedAt ms, cents
 FROZEN_ENTRY = struct.Struct("=qq")  # requestedAt ms, running total of cents
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def free_blocks(fd, end):
+    """Free the disk blocks of a file's first `end` bytes (whole pages): the file keeps its
+    size and offsets, the freed part reads as zeros (fallocate's punch-hole)."""
+    end -= end % 4096
+    if end > 0 and LIBC.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(end)) != 0:  # PUNCH_HOLE | KEEP_SIZE
+        log(f"retention could not free disk blocks: {os.strerror(ctypes.get_errno())}")
 
 
 class FrozenColumn:
@@ -1776,7 +1828,7 @@ class Replication:
         ledger = self.ledger
         epoch, total = ledger.epoch, ledger.count()
         known = stream.held is not None and stream.epoch == epoch
-        offset = min(stream.held, total) if known else total  # unknown: ask where it is
+        offset = max(ledger.base, min(stream.held, total) if known else total)  # unknown: ask where it is
         ids = stream.ids
         if len(ids) > 36 * self.config.remembered_ids:  # a peer away for long: only the latest matter
             del ids[:len(ids) - 36 * self.config.remembered_ids]
@@ -1785,8 +1837,9 @@ class Replication:
         end = min(total, offset + min(self.batch, (self.config.max_body_bytes - 256 - sent_ids) // REPLICA_ENTRY_BYTES))
         replica = self.replicas.get(stream.name)
         mine = replica.count() if replica is not None and replica.epoch == epoch else -1
-        body = b"%s %d %d %d %d %d %d %d\n%s%s" % (self.origin, epoch, offset, total, mine, *ledger.safe,
-                                                     sent_ids // 36, ledger.read(offset, end), ids[:sent_ids])
+        body = b"%s %d %d %d %d %d %d %d %d %d\n%s%s" % (
+            self.origin, epoch, offset, total, mine, *ledger.safe, ledger.base, ledger.kept_from, sent_ids // 36,
+            ledger.read(offset, end), ids[:sent_ids])
         try:
             status, answer = await stream.peer.request(b"POST", REPLICA_PATH, body, b"", self.config.peer_timeout_s)
             if status != 200:
@@ -1836,9 +1889,10 @@ class Replication:
         head, newline, payload = body.partition(b"\n")
         try:
             origin, *numbers = head.split()
-            epoch, offset, total, mine, safe_default, safe_fallback, count = map(int, numbers)
+            epoch, offset, total, mine, safe_default, safe_fallback, base, kept_from, count = map(int, numbers)
         except ValueError:
-            raise InvalidRequest("expected 'origin epoch offset total mine safe safe ids' and a newline") from None
+            raise InvalidRequest("expected 'origin epoch offset total mine safe safe base kept_from ids' "
+                                 "and a newline") from None
         at = len(payload) - 36 * count
         if not newline or count < 0 or at < 0 or at % REPLICA_ENTRY_BYTES:
             raise InvalidRequest("entries must be whole int64 triples, then the ids")
@@ -1865,6 +1919,8 @@ class Replication:
         if epoch > replica.epoch or (epoch == replica.epoch and total < replica.count()):
             replica.clear(epoch)  # a purge we have not heard of yet, or its journal was lost
             self.complete.discard(origin)
+        if epoch == replica.epoch and replica.count() < base:  # the origin dropped what we lack
+            replica.clear(epoch, base, kept_from)
         if epoch == replica.epoch:
             held = replica.count()
             if offset <= held < offset + len(entries) // 3:
@@ -1969,8 +2025,9 @@ class Server:
         if self.ticks * self.config.tick_s >= 1.0:
             self.ticks = 0
             self.pipeline.ledger.safe = self.pipeline.safe_below()
+            retention = self.config.history_retention_s
             for ledger in ledgers:
-                ledger.freeze()
+                ledger.freeze(now_ms() - int(retention * 1000) if retention else None)
             self.loop_lag, self.lag_now = self.lag_now, 0.0
             self.sweep()
             self.pipeline.journal.retry_reserve()
@@ -1999,6 +2056,10 @@ class Server:
         it was asked, and never counts less than the answer before it while every instance
         answers. Each instance first waits for its own attempts that may still store inside
         the window that the promise covers (Pipeline.landed)."""
+        kept_from = max(ledger.kept_from for ledger in (self.pipeline.ledger, *self.replication.replicas.values()))
+        if low < kept_from:
+            raise HistoryDropped(f"payments before {iso_ms(kept_from).decode()} are no longer kept "
+                                 f"(HISTORY_RETENTION_S): ask from then on")
         path = b"/internal/summary?from=%d&to=%d" % (low, high)
         asked = self.peers if self.config.peer_summary_timeout_s > 0 else ()  # 0: the replicas alone
         *answers, _ = await asyncio.gather(*(self.ask_fresh(peer, path) for peer in asked),

@@ -522,8 +522,10 @@ def test_an_unexpected_error_is_a_500_logged_once_and_closes_only_its_connection
             assert statuses(answer) == [b"202", b"500"]
         bystander.sendall(b"GET /health HTTP/1.1\r\n\r\n")  # the other connection still works
         assert bystander.recv(65536).startswith(b"HTTP/1.1 200")
-    log = instance.process.output()
-    errors = [line for line in log.splitlines() if "internal error" in line]
+    def errors():  # its log is read by another thread: the last lines may still be on their way
+        return [line for line in instance.process.output().splitlines() if "internal error" in line]
+    assert wait_until(lambda: len(errors()) >= 3, timeout=5), instance.process.output()
+    log, errors = instance.process.output(), errors()
     assert len(errors) == 3 and "Fatal error" not in log, log
     assert "POST /payments HTTP/1.1" in errors[0] and "injected fault" in errors[0]
     assert "GET /payments-summary?from=1970-01-01T00:00:00Z HTTP/1.1" in errors[1]
@@ -636,6 +638,51 @@ def test_a_payment_confirmed_below_the_frozen_history_stays_exact(tmp_path):
     again = ledger_at(tmp_path)
     assert again.window(0, 0, 1000) == (2, 3) and again.window(0, 60, 1000) == (1, 1)
     again.close()
+
+
+def packed(payments):
+    return b"".join(rinha.LOG_ENTRY.pack(*payment) for payment in payments)
+
+
+def test_retention_frees_old_history_keeps_newer_windows_exact_and_survives_a_restart(tmp_path):
+    ledger = ledger_at(tmp_path)
+    payments = [(i % 2, i, 100 + i % 7) for i in range(100_000)]  # requestedAt 0..99,999 ms
+    ledger.extend(packed(payments))
+    ledger.safe = [100_000, 100_000]
+    ledger.freeze()
+    files = [tmp_path / f"ledger.{suffix}" for suffix in ("log", "0", "1")]
+    blocks = [os.stat(file).st_blocks for file in files]
+    ledger.freeze(drop_before=60_000)
+    assert ledger.kept_from == 60_000 and ledger.base == 60_000
+    assert all(os.stat(file).st_blocks < before * 0.5 for file, before in zip(files, blocks))
+    for reopen in (False, True):
+        if reopen:
+            ledger.close()
+            ledger = ledger_at(tmp_path)
+            assert ledger.kept_from == 60_000 and ledger.base == 60_000
+        for low, high in ((60_000, 99_999), (70_123, 80_456), (99_999, 10**9), (60_000, 60_000)):
+            for processor in (0, 1):
+                assert ledger.window(processor, low, high) == brute_force(payments, processor, low, high)
+        assert ledger.read(60_000, 60_003) == packed(payments[60_000:60_003])
+    ledger.close()
+
+
+def test_a_replica_whose_origin_dropped_old_history_takes_the_rest_and_a_summary_before_it_is_refused(tmp_path):
+    config = rinha.Config(journal_path=str(tmp_path / "r.journal"), history_retention_s=60)
+    own = rinha.Ledger(config.journal_path + ".ledger")
+    pipeline = rinha.Pipeline(config, rinha.Journal(config.journal_path, config), own)
+    server = rinha.Server(config, pipeline, [])
+    entries = [(0, 1000 + i, 5) for i in range(10)]
+    answer = server.replication.receive(replica_batch(b"peer", 0, 6, 10, entries[6:], base=6, kept_from=1006))
+    assert answer.split()[1:] == [b"0", b"10"]  # it holds the origin's log up to 10, from 6 on
+    replica = server.replication.replicas[b"peer"]
+    assert replica.kept_from == 1006 and replica.window(0, 1006, 2000) == (4, 20)
+    assert asyncio.run(server.summary(1006, 2000)) == rinha.SUMMARY_BODY % (4, b"0.20", 0, b"0.00")
+    with pytest.raises(rinha.HistoryDropped) as refused:
+        asyncio.run(server.summary(1005, 2000))
+    assert refused.value.status == b"410 Gone" and "HISTORY_RETENTION_S" in refused.value.message
+    own.close()
+    replica.close()
 
 
 def test_every_journal_record_kind_round_trips_through_the_one_table():
@@ -1934,8 +1981,9 @@ def test_a_hung_instance_is_taken_out_by_the_balancer_and_payments_keep_their_an
         assert_ledger_matches(instance, default, fallback)
 
 
-def replica_batch(origin, epoch, offset, total, entries, mine=0, ids=()):
-    head = b"%s %d %d %d %d %d\n" % (origin, epoch, offset, total, mine, len(ids))
+def replica_batch(origin, epoch, offset, total, entries, mine=0, ids=(), safe=(-(1 << 62),) * 2, base=0,
+                  kept_from=-(1 << 62)):
+    head = b"%s %d %d %d %d %d %d %d %d %d\n" % (origin, epoch, offset, total, mine, *safe, base, kept_from, len(ids))
     return head + array.array("q", [number for entry in entries for number in entry]).tobytes() + b"".join(ids)
 
 

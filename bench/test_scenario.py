@@ -29,8 +29,7 @@ MAX_REQUESTS = 100
 def fallback_hold_s():
     """rinha.py's default FALLBACK_AFTER_S (how long the default must have been failing before
     the fallback may take payments), or None when rinha.py does not define one."""
-    match = re.search(r'FALLBACK_AFTER_S\s*=\s*env_float\("FALLBACK_AFTER_S",\s*([0-9.]+)\)',
-                      (REPO / "rinha.py").read_text())
+    match = re.search(r"fallback_after_s: float = ([0-9.]+)", (REPO / "rinha.py").read_text())
     return float(match.group(1)) if match else None
 
 
