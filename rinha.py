@@ -388,7 +388,7 @@ class Ledger:
       .0, .1       per processor, the frozen history sorted by requestedAt: (ms, running total
                    of cents), 16 bytes each, so a window is two binary searches and a subtraction
       .checkpoint  what a restart reads: the epoch, how much of the log is accounted for, the
-                   frozen counts, what retention dropped, and the tail; rewritten whole, renamed
+                   frozen counts, what retention dropped, and the tail's arrays; rewritten whole
     The tail, recent confirmations, stays in memory, sorted, until freeze() moves what lies
     below `safe` (per processor: no confirmation can come below it any more) to the sorted
     files. So memory holds the tail, start-up reads the checkpoint and the log written since,
@@ -406,19 +406,22 @@ class Ledger:
             with open(path + ".checkpoint", "rb") as file:
                 head, _, tail = file.read().partition(b"\n")
             self.epoch, self.saved, *numbers, self.kept_from, self.base = map(int, head.split())
-            self.frozen, self.frozen_ms, self.frozen_cents, self.kept = (numbers[i:i + 2] for i in (0, 2, 4, 6))
+            self.frozen, self.frozen_ms, self.frozen_cents, self.kept, sizes = (numbers[i:i + 2] for i in range(0, 10, 2))
         except FileNotFoundError:
             self.start(0)
-            tail = b""
+            tail, sizes = b"", (0, 0)
         self.safe = list(self.frozen_ms)
         self.tail = tuple((array.array("q"), array.array("q")) for _ in (0, 1))  # (times, cents), sorted
+        at = 0
+        for (times, amounts), size in zip(self.tail, sizes):
+            for column in (times, amounts):
+                column.frombytes(tail[at:at + 8 * size])
+                at += 8 * size
         for p, fd in enumerate(self.sorted_fds):  # a freeze cut short: records past the checkpoint's
             os.ftruncate(fd, 16 * self.frozen[p])
         size = os.fstat(self.log_fd).st_size
         os.ftruncate(self.log_fd, size - size % 24)  # a torn last entry
         self.logged, self.unwritten = size // 24, bytearray()
-        for at in range(0, len(tail), 24):
-            self.add(*LOG_ENTRY.unpack_from(tail, at))
         self.add_packed(os.pread(self.log_fd, 24 * max(0, self.logged - self.saved), 24 * self.saved))
 
     def count(self):
@@ -501,15 +504,14 @@ class Ledger:
             last = bisect.bisect_left(times, self.safe[p])
             if last <= first:
                 continue
-            out, running = bytearray(), self.frozen_cents[p]
-            for ms, cents in zip(times[first:last], amounts[first:last]):
-                running += cents
-                out += FROZEN_ENTRY.pack(ms, running)
-            if os.write(self.sorted_fds[p], out) != len(out):
+            out = array.array("q", bytes(16 * (last - first)))  # FROZEN_ENTRY pairs: (ms, running total)
+            out[0::2] = times[first:last]
+            out[1::2] = array.array("q", itertools.accumulate(amounts[first:last], initial=self.frozen_cents[p]))[1:]
+            if os.write(self.sorted_fds[p], out) != len(out) * 8:
                 os.ftruncate(self.sorted_fds[p], 16 * self.frozen[p])
                 raise OSError(errno.ENOSPC, "short write")
             self.frozen[p] += last - first
-            self.frozen_ms[p], self.frozen_cents[p] = times[last - 1], running
+            self.frozen_ms[p], self.frozen_cents[p] = out[-2], out[-1]
             del times[first:last], amounts[first:last]
             moved = True
         if (moved or self.saved != self.logged) and self.save():
@@ -546,10 +548,10 @@ class Ledger:
         if self.fsync:
             for fd in (self.log_fd, *self.sorted_fds):
                 os.fsync(fd)
-        tail = b"".join(LOG_ENTRY.pack(p, ms, cents) for p, (times, amounts) in enumerate(self.tail)
-                        for ms, cents in zip(times, amounts))
-        head = b" ".join(b"%d" % n for n in (self.epoch, self.logged, *self.frozen, *self.frozen_ms,
-                                              *self.frozen_cents, *self.kept, self.kept_from, self.base))
+        tail = b"".join(column.tobytes() for pair in self.tail for column in pair)
+        head = b" ".join(b"%d" % n for n in (self.epoch, self.logged, *self.frozen, *self.frozen_ms, *self.frozen_cents,
+                                              *self.kept, *(len(times) for times, _ in self.tail),
+                                              self.kept_from, self.base))
         temporary = self.path + ".checkpoint.new"
         with open(temporary, "wb") as file:
             file.write(head + b"\n" + tail)
