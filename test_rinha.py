@@ -848,6 +848,21 @@ def test_a_full_disk_refuses_new_payments_forwards_accepted_ones_and_recovers_by
     assert_ledger_matches(instance, default, fallback)
 
 
+def test_confirmed_history_moves_to_the_ledgers_files_and_a_restart_reads_it_back(fresh, make_instance):
+    default, fallback = fresh
+    instance = make_instance("api1", default, fallback)
+    accepted = pay_many(instance, 200, threads=4)
+    assert wait_until(lambda: drained(instance))
+    frozen = Path(instance.journal + ".ledger.0")
+    assert wait_until(lambda: frozen.stat().st_size == 16 * 200, timeout=5)  # out of memory, once a second
+    before = assert_ledger_matches(instance, default, fallback)
+    instance.process.stop(signal.SIGKILL)
+    instance.start()
+    assert assert_ledger_matches(instance, default, fallback) == before
+    assert before["default"]["totalRequests"] == len(accepted) == 200
+    assert b"C " not in Path(instance.journal).read_bytes()  # compacted at start: history is the ledger's
+
+
 # ---------------------------------------------------------------------------
 # Queue
 # ---------------------------------------------------------------------------
@@ -1082,6 +1097,19 @@ def test_a_pinned_payment_being_looked_up_stays_in_the_snapshot_a_compaction_wri
         assert asyncio.run(run()) == {5: [b"cid", 100, 1, (rinha.DEFAULT, 77)]}
     finally:
         silent.close()
+
+
+def test_nothing_can_still_be_confirmed_below_the_safe_bound_of_each_processor(tmp_path):
+    pipeline = rinha.Pipeline(CONFIG, rinha.Journal("/dev/null", CONFIG), ledger_at(tmp_path),
+                              {1: [b"a", 100, 1, (rinha.DEFAULT, 5_000)], 2: [b"b", 100, 2, None]}, 3)
+    now = rinha.now_ms()
+    default_safe, fallback_safe = pipeline.safe_below()
+    assert default_safe == 5_000 and fallback_safe >= now  # a pin may still land at its requestedAt
+    payment = pipeline.backlog.next_ready()
+    pipeline.backlog.fly(payment, rinha.FALLBACK, 7_000)  # an attempt under way
+    assert pipeline.safe_below() == [5_000, 7_000]
+    pipeline.backlog.land(payment, rinha.CONFIRMED)
+    assert pipeline.safe_below()[rinha.FALLBACK] >= now
 
 
 def test_the_router_waits_for_a_busy_or_briefly_down_default_and_then_takes_the_fallback(tmp_path):
@@ -2251,6 +2279,20 @@ def test_a_sender_restarted_while_its_peer_lags_resumes_where_the_peer_is(fresh,
     assert wait_until(lambda: receiver.summary() == sender.summary())
     for instance in (sender, receiver):
         assert_ledger_matches(instance, default, fallback)
+
+
+def test_a_restarted_instance_answers_from_the_replica_it_kept_on_disk_while_its_peer_is_down(pair):
+    # Issue 17: replicas were in memory only, so a restart with its peer down counted nothing of it.
+    first, second = pair
+    accepted = pay_many(first, 60, threads=3)
+    assert wait_until(lambda: drained(first))
+    assert wait_until(lambda: second.health()["replicas"].get("api1") == 60)
+    second.process.stop()
+    first.process.stop()
+    second.start()  # its peer is down: what it counts of api1 comes from its own files
+    assert second.health()["replicas"] == {"api1": 60}
+    assert second.summary()["default"]["totalRequests"] == len(accepted) == 60
+    assert second.summary("?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z")["default"]["totalRequests"] == 60
 
 
 def test_a_graceful_stop_streams_what_its_peers_lack_before_it_exits(fresh, make_proxy, make_instance):
