@@ -1,24 +1,21 @@
 #!/usr/bin/env python3
 """rinha: a payment intermediary for the Rinha de Backend 2025, in one file.
 
-Clients POST /payments; the service journals the payment, answers 202 at once, and
-forwards it to the default payment processor (or, only when waiting costs more, to
-the fallback). GET /payments-summary reports exactly what the processors confirmed,
-for the whole backend. Runtime dependencies: uvloop and orjson.
+Clients POST /payments; it journals the payment, answers 202 at once and forwards it to the default processor (to the
+fallback only when waiting costs more). GET /payments-summary: exactly what the processors confirmed, backend-wide.
 
 Where to start: read the sections in order; each is a step of a payment's path.
   1. Configuration     every setting, read once from the environment.
   2. Wire formats      a payment's time (ms) and amount (cents), to and from text.
   3. HTTP parsing      parse_head, then parse_payment: a request becomes (cid, cents) or a 4xx.
-  4. Ledger, journal   Journal.append writes the A record before the 202; a confirmation
-                       ends as a C record and a Ledger entry (RECORDS: every record kind).
+  4. Ledger, journal   Journal.append writes the A record before the 202; a confirmation ends as a C record and a
+                       Ledger entry (RECORDS: every record kind).
   5. Queue             Payment and Backlog: where an accepted payment waits, in one place.
   6. Processor client  Upstream.request: the keep-alive HTTP client that carries it.
-  7. Router, breaker   Pipeline.accept -> pump -> route -> attempt -> send -> settle: its whole
-                       life, decided by PAYMENT_TRANSITIONS and BREAKER_TRANSITIONS.
+  7. Router, breaker   Pipeline.accept -> pump -> route -> attempt -> send -> settle: its whole life, decided by
+                       PAYMENT_TRANSITIONS and BREAKER_TRANSITIONS.
   8. Replication       how its confirmation reaches the other instances.
-  9. Server            HttpConnection.post_payment, where the request arrived, calls steps
-                       3-7; get_summary answers for the whole backend.
+  9. Server            HttpConnection.post_payment (where it arrives) calls steps 3-7; get_summary answers for all.
  10. Main              start-up (replay the journal), the tick, a graceful stop.
 """
 import array
@@ -38,22 +35,18 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from dataclasses import dataclass, fields, replace
+from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from urllib.parse import parse_qsl
 
 import orjson
 import uvloop
 
-# ---------------------------------------------------------------------------
-# Configuration
-# Every limit and knob is a field of one frozen Config, read once from the environment
-# (Config.from_env: the field's name in capitals) and passed to what uses it. README.md's
-# configuration table lists each one with its default and meaning.
-# ---------------------------------------------------------------------------
 
-
+# ---- Configuration --------------------------------------------------------
+# Every setting is a field of one frozen Config, read once from the environment (Config.from_env: the field's name
+# in capitals) and passed to what uses it. README.md's configuration table says what each one means.
 @dataclass(frozen=True, slots=True)
 class Config:
     instance_id: str = "api"
@@ -119,29 +112,24 @@ class Config:
                     values[field.name] = type(field.default)(text)
                 except (ValueError, ArithmeticError):
                     raise SystemExit(f"{field.name.upper()}={text!r}: not a valid {type(field.default).__name__}")
-        values.setdefault("journal_path", f"./{values.get('instance_id', cls.instance_id)}.journal")
-        return cls(**values)
+        config = cls(**values)
+        return config if "journal_path" in values else replace(config, journal_path=f"./{config.instance_id}.journal")
 
 
 DEFAULT, FALLBACK = 0, 1
 PROCESSOR_NAMES = ("default", "fallback")
-LOG = threading.local()  # per thread, so that instances run in-process by the tests each log as
-# themselves: serve() sets .name; a test may set .stream before it calls serve()
+LOG = threading.local()  # per thread (tests run instances in-process): serve() sets .name, a test may set .stream
 
 
 def log(message):
-    """One line per event: UTC time to the millisecond, the instance, the message."""
     stream = getattr(LOG, "stream", sys.stderr)
     stream.write(f"{iso_ms(now_ms()).decode()} {getattr(LOG, 'name', '-')} {message}\n")
     stream.flush()
 
 
-# ---------------------------------------------------------------------------
-# Wire formats
-# Timestamps are integer milliseconds since the epoch; amounts are integer cents.
-# Converting to and from text happens only here, exactly and the same way both ways.
-# ---------------------------------------------------------------------------
-
+# ---- Wire formats ---------------------------------------------------------
+# Timestamps are integer milliseconds since the epoch; amounts are integer cents. Converting to and from text
+# happens only here, exactly and the same way both ways.
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 UUID_BYTES = re.compile(UUID_PATTERN.pattern.encode())
@@ -156,30 +144,25 @@ def iso_ms(ms):
     """1752150896789 -> b'2025-07-10T12:34:56.789Z' (JavaScript's toISOString form)."""
     second, milli = divmod(ms, 1000)
     if second != _second_text[0]:
-        _second_text[0] = second
-        _second_text[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        _second_text[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
     return b"%s.%03dZ" % (_second_text[1], milli)
 
 
 def parse_iso_ms(text, round_up):
-    """An ISO-8601 timestamp (Z, offset, or naive = UTC) -> ms; sub-ms precision rounds
-    inward (up for a window's start, down for its end) so the window stays inclusive."""
+    """ISO-8601 (Z, offset, or naive = UTC) -> ms; sub-ms rounds inward (up for `from`, down for `to`): inclusive."""
     stamp = datetime.fromisoformat(text)  # ValueError on anything else
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=timezone.utc)
-    delta = stamp - EPOCH
-    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    micros = (stamp - EPOCH) // timedelta(microseconds=1)
     return -(-micros // 1000) if round_up else micros // 1000
 
 
 def amount_to_cents(value):
-    """A JSON number -> cents, rounded half to even as the processors store amounts;
-    None if it is not a finite number. The float's shortest repr is the decimal read.
-    Exact at any magnitude (1e308 included): a repr has at most 17 digits, so shifting it
-    two places stays within Decimal's precision, and rounding to an integer has no limit."""
+    """A JSON number -> cents, rounded half to even as the processors store amounts; None if not finite. Exact at any
+    magnitude: it reads the float's shortest repr (<= 17 digits, within Decimal's precision)."""
     if type(value) is int:
         return value * 100
-    if type(value) is not float or value != value or value in (float("inf"), float("-inf")):
+    if type(value) is not float or not math.isfinite(value):
         return None
     text = repr(value)
     whole, dot, fraction = text.partition(".")
@@ -197,15 +180,9 @@ def cents_text(cents):
 
 
 def response(status, body=b"", content_type=b"application/json", extra=b"", close=False):
-    """The complete bytes of an HTTP/1.1 response."""
     connection = b"Connection: close\r\n" if close else b""
     kind = b"Content-Type: %s\r\n" % content_type if body else b""
-    return b"HTTP/1.1 %s\r\n%s%s%sContent-Length: %d\r\n\r\n%s" % (
-        status, kind, extra, connection, len(body), body)
-
-
-def error_body(message, field=None):
-    return orjson.dumps({"error": message, "field": field} if field else {"error": message})
+    return b"HTTP/1.1 %s\r\n%s%s%sContent-Length: %d\r\n\r\n%s" % (status, kind, extra, connection, len(body), body)
 
 
 ACCEPTED = (response(b"202 Accepted"), response(b"202 Accepted", close=True))
@@ -215,32 +192,26 @@ SUMMARY_BODY = (b'{"default":{"totalRequests":%d,"totalAmount":%s},'
 PROCESSOR_BODY = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}'
 JSON_HEADER = b"Content-Type: application/json\r\n"
 
-# ---------------------------------------------------------------------------
-# HTTP parsing
-# Turns a request head into its parts or a named error; never reads past what it was
-# given. Framing errors (the stream can't be trusted afterwards) close the connection.
-# ---------------------------------------------------------------------------
 
-
+# ---- HTTP parsing ---------------------------------------------------------
+# Turns a request head into its parts or a named error; never reads past what it was given. Framing errors (the
+# stream can't be trusted afterwards) close the connection.
 class HttpError(Exception):
-    """A request the server refuses: status line, message for the client, and whether
-    the connection must close because the byte stream can no longer be trusted."""
-    status = b"400 Bad Request"
-    closes = True
-    extra = b""  # further header lines of the answer
+    """A refused request: status, message, `closes` (the stream can no longer be trusted), `extra` header lines."""
+    status, closes, extra = b"400 Bad Request", True, b""
 
-    def __init__(self, message, field=None):
+    def __init__(self, message, field=None, extra=None):
         super().__init__(message)
-        self.message = message
-        self.field = field
+        self.message, self.field = message, field
+        if extra is not None:
+            self.extra = extra
 
     def response(self, close):
-        return response(self.status, error_body(self.message, self.field),
-                        extra=self.extra, close=close or self.closes)
+        body = {"error": self.message, "field": self.field} if self.field else {"error": self.message}
+        return response(self.status, orjson.dumps(body), extra=self.extra, close=close or self.closes)
 
 
-# One class per distinct answer (status, whether the connection closes, extra header lines),
-# one line each. Framing errors close: the stream can no longer be trusted.
+# One class per distinct answer, one line each.
 class MalformedRequest(HttpError): status = b"400 Bad Request"
 class HeadersTooLarge(HttpError): status = b"431 Request Header Fields Too Large"
 class BodyTooLarge(HttpError): status = b"413 Content Too Large"
@@ -254,22 +225,13 @@ class Forbidden(HttpError): status, closes = b"403 Forbidden", False
 class HistoryDropped(HttpError): status, closes = b"410 Gone", False  # before HISTORY_RETENTION_S
 class Unavailable(HttpError): status, closes = b"503 Service Unavailable", False
 class PeerUnavailable(HttpError): status, closes = b"502 Bad Gateway", False
-
-
-class RetryLater(HttpError):  # full queue, full disk, a stalled instance: nothing was taken
-    status, closes, extra = b"503 Service Unavailable", False, b"Retry-After: 1\r\n"
-
-
-class MethodNotAllowed(HttpError):
-    status, closes = b"405 Method Not Allowed", False
-
-    def __init__(self, allow):
-        super().__init__("method not allowed")
-        self.extra = b"Allow: %s\r\n" % allow
+class InternalError(HttpError): status = b"500 Internal Server Error"  # a bug, not the client's fault
+class MethodNotAllowed(HttpError): status, closes = b"405 Method Not Allowed", False  # extra: its Allow line
+# A full queue, a full disk, a stalled instance: nothing was taken.
+class RetryLater(HttpError): status, closes, extra = b"503 Service Unavailable", False, b"Retry-After: 1\r\n"
 
 
 class Request:
-    """A parsed request head. One per request; the body is attached by the server."""
     __slots__ = ("line", "method", "path", "query", "keep_alive", "length", "token")
 
     def __init__(self, line, method, path, query, keep_alive, length, token):
@@ -286,23 +248,17 @@ def parse_head(head, max_body_bytes):
     if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith(b"/"):
         raise MalformedRequest("malformed request line")
     method, target, version = parts
-    if version == b"HTTP/1.1":
-        keep_alive = True
-    elif version == b"HTTP/1.0":
-        keep_alive = False
-    elif version.startswith(b"HTTP/"):
-        raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
-    else:
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if version.startswith(b"HTTP/"):
+            raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
         raise MalformedRequest("malformed request line")
-    length = None
-    chunked = False
-    token = b""
+    keep_alive = version == b"HTTP/1.1"
+    length, chunked, token = None, False, b""
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name != name.strip():
             raise MalformedRequest("malformed header line")
-        name = name.lower()
-        value = value.strip()
+        name, value = name.lower(), value.strip()
         if name == b"content-length":
             if not value.isdigit() or len(value) > 18:
                 raise MalformedRequest("invalid Content-Length")
@@ -313,10 +269,7 @@ def parse_head(head, max_body_bytes):
             chunked = True
         elif name == b"connection":
             options = [option.strip() for option in value.lower().split(b",")]
-            if b"close" in options:
-                keep_alive = False
-            elif b"keep-alive" in options:
-                keep_alive = True
+            keep_alive = b"close" not in options and (keep_alive or b"keep-alive" in options)
         elif name == b"x-rinha-token":
             token = value
     if chunked:
@@ -346,55 +299,35 @@ def parse_payment(body, max_cents):
         raise InvalidRequest("correlationId must be a UUID string", "correlationId")
     cents = amount_to_cents(payment.get("amount"))
     if cents is None or cents <= 0 or cents > max_cents:
-        raise InvalidRequest(f"amount must be a number over 0.00 and at most {cents_text(max_cents).decode()}", "amount")
+        raise InvalidRequest(f"amount must be a number over 0.00 and at most {cents_text(max_cents).decode()}",
+                             "amount")
     return cid.encode(), cents
 
 
 def parse_window(query):
     """from/to query parameters -> inclusive (from_ms, to_ms); absent bounds are open."""
-    low, high = -(1 << 62), 1 << 62
+    bounds = {"from": -(1 << 62), "to": 1 << 62}
     try:
         pairs = parse_qsl(query.decode("latin-1"))
     except ValueError:
         raise InvalidRequest("malformed query string") from None
     for name, value in pairs:
-        if name not in ("from", "to") or not value:
-            continue
-        try:  # a '+' offset arrives as a space once the query is decoded
-            stamp = parse_iso_ms(value.replace(" ", "+"), round_up=(name == "from"))
-        except ValueError:
-            raise InvalidRequest(f"{name} must be an ISO-8601 timestamp", name) from None
-        if name == "from":
-            low = stamp
-        else:
-            high = stamp
-    return low, high
+        if name in bounds and value:
+            try:  # a '+' offset arrives as a space once the query is decoded
+                bounds[name] = parse_iso_ms(value.replace(" ", "+"), round_up=(name == "from"))
+            except ValueError:
+                raise InvalidRequest(f"{name} must be an ISO-8601 timestamp", name) from None
+    return bounds["from"], bounds["to"]
 
 
-# ---------------------------------------------------------------------------
-# Ledger and journal
-# The ledger holds confirmed payments only: history in files read through the page cache,
-# recent ones in flat integer arrays the garbage collector never walks. The journal is an
-# append-only file written before every answer and every send; replaying it rebuilds the
-# queue and mends the ledger's last entries.
-# ---------------------------------------------------------------------------
-
-
+# ---- Ledger and journal ---------------------------------------------------
+# The ledger holds confirmed payments only, in files and flat arrays the garbage collector never walks. The journal is
+# written before every answer and every send; replaying it rebuilds the queue and mends the ledger's last entries.
 class Ledger:
-    """Confirmed payments of one instance (its own, or a replica of a peer's), kept on disk so
-    that memory does not grow with history. Files, named path + suffix:
-      .log         every confirmation in the order recorded: (processor, requestedAt ms, cents),
-                   24 bytes each; replication streams it by index (see Replication)
-      .0, .1       per processor, the frozen history sorted by requestedAt: (ms, running total
-                   of cents), 16 bytes each, so a window is two binary searches and a subtraction
-      .checkpoint  what a restart reads: the epoch, how much of the log is accounted for, the
-                   frozen counts, what retention dropped, and the tail's arrays; rewritten whole
-    The tail, recent confirmations, stays in memory, sorted, until freeze() moves what lies
-    below `safe` (per processor: no confirmation can come below it any more) to the sorted
-    files. So memory holds the tail, start-up reads the checkpoint and the log written since,
-    and a window costs a few reads of the page cache, whatever the history. Retention (drop)
-    frees the disk blocks of what is older than HISTORY_RETENTION_S; indexes do not move.
-    A window that starts before `kept_from` (the oldest time still whole) is refused."""
+    """Confirmed payments of one instance (its own, or a peer's replica), in files path + suffix (DESIGN.md, The
+    ledger): .log, every confirmation in order (LOG_ENTRY); .0/.1, each processor's frozen history by requestedAt
+    (FROZEN_ENTRY); .checkpoint. The tail, in memory, holds what is not below `safe` yet. Retention frees disk blocks,
+    never moves an index; a window starting before `kept_from` (the oldest time still whole) is refused."""
     __slots__ = ("path", "fsync", "epoch", "log_fd", "logged", "unwritten", "sorted_fds", "frozen", "frozen_ms",
                  "frozen_cents", "kept", "kept_from", "base", "tail", "safe", "saved")
 
@@ -406,17 +339,14 @@ class Ledger:
             with open(path + ".checkpoint", "rb") as file:
                 head, _, tail = file.read().partition(b"\n")
             self.epoch, self.saved, *numbers, self.kept_from, self.base = map(int, head.split())
-            self.frozen, self.frozen_ms, self.frozen_cents, self.kept, sizes = (numbers[i:i + 2] for i in range(0, 10, 2))
+            pairs = [numbers[i:i + 2] for i in range(0, 10, 2)]
+            self.frozen, self.frozen_ms, self.frozen_cents, self.kept, sizes = pairs
         except FileNotFoundError:
             self.start(0)
             tail, sizes = b"", (0, 0)
         self.safe = list(self.frozen_ms)
-        self.tail = tuple((array.array("q"), array.array("q")) for _ in (0, 1))  # (times, cents), sorted
-        at = 0
-        for (times, amounts), size in zip(self.tail, sizes):
-            for column in (times, amounts):
-                column.frombytes(tail[at:at + 8 * size])
-                at += 8 * size
+        data, at = array.array("q", tail), 2 * sizes[0]  # per processor: (times, cents), sorted by time
+        self.tail = ((data[:sizes[0]], data[sizes[0]:at]), (data[at:at + sizes[1]], data[at + sizes[1]:]))
         for p, fd in enumerate(self.sorted_fds):  # a freeze cut short: records past the checkpoint's
             os.ftruncate(fd, 16 * self.frozen[p])
         size = os.fstat(self.log_fd).st_size
@@ -425,22 +355,19 @@ class Ledger:
         self.add_packed(os.pread(self.log_fd, 24 * max(0, self.logged - self.saved), 24 * self.saved))
 
     def count(self):
-        """Entries in the log: every confirmation of this epoch."""
         return self.logged
 
     def record(self, processor, ms, cents):
         self.extend(LOG_ENTRY.pack(processor, ms, cents))
 
     def extend(self, packed):
-        """Add log entries (packed LOG_ENTRY triples) to the tail, and to the log at the next
-        flush(): every TICK_S (one write for many), and before a checkpoint."""
+        """Add packed LOG_ENTRY triples to the tail; to the log at the next flush() (each TICK_S)."""
         self.unwritten += packed
         self.logged += len(packed) // 24
         self.add_packed(packed)
 
     def flush(self):
-        """Write the log's new entries; False if the disk refused them (kept for the next try:
-        the journal's C records have them too, for a restart meanwhile)."""
+        """Write the log's new entries; False if the disk refused them (kept; the journal's C records have them too)."""
         if not self.unwritten:
             return True
         size = 24 * self.logged - len(self.unwritten)
@@ -454,18 +381,11 @@ class Ledger:
         return False
 
     def add_packed(self, packed):
-        for entry in LOG_ENTRY.iter_unpack(packed):
-            self.add(*entry)
-
-    def add(self, processor, ms, cents):
-        times, amounts = self.tail[processor]
-        if times and ms < times[-1]:  # out of order: sent before one confirmed earlier
-            at = bisect.bisect_right(times, ms)
+        for processor, ms, cents in LOG_ENTRY.iter_unpack(packed):
+            times, amounts = self.tail[processor]  # one sent before one confirmed earlier goes in its place
+            at = bisect.bisect_right(times, ms) if times and ms < times[-1] else len(times)
             times.insert(at, ms)
             amounts.insert(at, cents)
-        else:
-            times.append(ms)
-            amounts.append(cents)
 
     def read(self, start, end):
         """Log entries start..end-1, packed (what replication sends)."""
@@ -493,10 +413,12 @@ class Ledger:
                 cents += column.running(last - 1) - (column.running(first - 1) if first else 0)
         return count, cents
 
+    def totals(self, low, high):
+        return [*self.window(DEFAULT, low, high), *self.window(FALLBACK, low, high)]
+
     def freeze(self, drop_before=None):
-        """Move the tail's entries below `safe` to the sorted files, drop what is older than
-        `drop_before` (ms), then save a checkpoint. An entry below what is frozen already (the
-        clock went back) stays in the tail."""
+        """Move the tail below `safe` to the sorted files, drop what is older than `drop_before` (ms), save a
+        checkpoint. An entry below the frozen part (the clock went back) stays in the tail."""
         punches = self.drop(drop_before) if drop_before is not None else []
         moved = bool(punches)
         for p, (times, amounts) in enumerate(self.tail):
@@ -515,25 +437,24 @@ class Ledger:
             del times[first:last], amounts[first:last]
             moved = True
         if (moved or self.saved != self.logged) and self.save():
-            for fd, end in punches:  # once the checkpoint no longer needs them
-                free_blocks(fd, end)
+            for fd, end in punches:  # once the checkpoint no longer needs them, free their disk blocks (whole pages)
+                end -= end % 4096  # fallocate PUNCH_HOLE | KEEP_SIZE: the file keeps its size and offsets
+                if end > 0 and LIBC.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(end)) != 0:
+                    log(f"retention could not free disk blocks: {os.strerror(ctypes.get_errno())}")
 
     def drop(self, before):
-        """Forget frozen payments older than `before`, and the log entries they were (up to
-        what the checkpoint holds); the (fd, end) whose blocks the next checkpoint frees."""
+        """Forget frozen payments (and log entries) older than `before`; the (fd, end) the next checkpoint frees."""
         punches = []
         for p, fd in enumerate(self.sorted_fds):
             kept = bisect.bisect_left(FrozenColumn(fd), before, self.kept[p], self.frozen[p])
             if kept > self.kept[p]:  # the entry before the first kept stays: its running total
                 self.kept[p] = kept
                 punches.append((fd, 16 * (kept - 1)))
-        base = self.base
-        while base < self.saved:
+        base, first_kept = self.base, None  # first_kept: the first log entry of a chunk to keep
+        while base < self.saved and first_kept is None:
             chunk = os.pread(self.log_fd, 24 * min(4096, self.saved - base), 24 * base)
-            older = next((i for i, (_, ms, _) in enumerate(LOG_ENTRY.iter_unpack(chunk)) if ms >= before), None)
-            base += len(chunk) // 24 if older is None else older
-            if older is not None:
-                break
+            first_kept = next((i for i, (_, ms, _) in enumerate(LOG_ENTRY.iter_unpack(chunk)) if ms >= before), None)
+            base += len(chunk) // 24 if first_kept is None else first_kept
         if base > self.base:
             self.base = base
             punches.append((self.log_fd, 24 * base))
@@ -549,9 +470,9 @@ class Ledger:
             for fd in (self.log_fd, *self.sorted_fds):
                 os.fsync(fd)
         tail = b"".join(column.tobytes() for pair in self.tail for column in pair)
-        head = b" ".join(b"%d" % n for n in (self.epoch, self.logged, *self.frozen, *self.frozen_ms, *self.frozen_cents,
-                                              *self.kept, *(len(times) for times, _ in self.tail),
-                                              self.kept_from, self.base))
+        numbers = (self.epoch, self.logged, *self.frozen, *self.frozen_ms, *self.frozen_cents, *self.kept,
+                   *(len(times) for times, _ in self.tail), self.kept_from, self.base)
+        head = b" ".join(b"%d" % n for n in numbers)
         temporary = self.path + ".checkpoint.new"
         with open(temporary, "wb") as file:
             file.write(head + b"\n" + tail)
@@ -562,8 +483,7 @@ class Ledger:
         return True
 
     def clear(self, epoch, base=0, kept_from=-(1 << 62)):
-        """Empty it: a purge, which starts `epoch`; or a replica whose origin dropped its log
-        before `base` (retention) and kept what is newer than `kept_from`."""
+        """Empty it: a purge (at `epoch`), or a replica whose origin dropped its log before `base` (retention)."""
         for fd in (self.log_fd, *self.sorted_fds):
             os.ftruncate(fd, 0)
         self.start(epoch, base, kept_from)
@@ -582,17 +502,7 @@ class Ledger:
 
 LOG_ENTRY = struct.Struct("=qqq")  # processor, requestedAt ms, cents
 FROZEN_ENTRY = struct.Struct("=qq")  # requestedAt ms, running total of cents
-
-
 LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def free_blocks(fd, end):
-    """Free the disk blocks of a file's first `end` bytes (whole pages): the file keeps its
-    size and offsets, the freed part reads as zeros (fallocate's punch-hole)."""
-    end -= end % 4096
-    if end > 0 and LIBC.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(end)) != 0:  # PUNCH_HOLE | KEEP_SIZE
-        log(f"retention could not free disk blocks: {os.strerror(ctypes.get_errno())}")
 
 
 class FrozenColumn:
@@ -609,24 +519,16 @@ class FrozenColumn:
         return FROZEN_ENTRY.unpack(os.pread(self.fd, 16, 16 * index))[1]
 
 
-def window_totals(ledger, low, high):
-    """[default count, cents, fallback count, cents] of a ledger's window."""
-    return [*ledger.window(DEFAULT, low, high), *ledger.window(FALLBACK, low, high)]
-
-
 class RecentIds:
-    """The one memory of ids: the last `limit` (REMEMBERED_IDS) correlationIds accepted here or by a peer
-    (the journal keeps them across restarts: A and I records). One sent again (a client
-    retrying) is the same payment, answered 202 again and never queued, or forwarded, again."""
+    """The last REMEMBERED_IDS ids accepted here or by peers (A, I records keep them): a retry is the same payment."""
     __slots__ = ("limit", "known", "order")
 
-    def __init__(self, limit, ids=()):
+    def __init__(self, limit):
         self.limit = limit
-        self.reset(ids)
+        self.reset()
 
     def reset(self, ids=()):
-        self.known = set()
-        self.order = deque()
+        self.known, self.order = set(), deque()
         for cid in ids:
             self.add(cid)
 
@@ -638,9 +540,8 @@ class RecentIds:
                 self.known.discard(self.order.popleft())
 
 
-# The journal's records, one line each: the kind's letter, then its fields (integers, or a
-# correlationId), space-separated. Every writer encodes with record() and replay decodes with
-# read_record(), from this one table.
+# The journal's records, one line each: the kind's letter, then its fields (integers, or a correlationId),
+# space-separated. Every writer encodes with record() and replay decodes with read_record(), from this one table.
 RECORDS = {  # kind -> (format, meaning)
     b"A": (b"A %d %s %d %d\n", "accepted: seq cid cents accepted_ms"),
     b"S": (b"S %d %d %d\n", "about to send: seq processor requested_ms"),
@@ -671,30 +572,20 @@ def read_record(line):
 
 
 class Journal:
-    """Append-only record of this instance (RECORDS); seq numbers its accepted payments, so two
-    payments with one correlationId never share a record. A write that fails or lands short is
-    cut back to the last whole record, so a later record is never glued to a fragment; replay
-    ignores a torn last line. JOURNAL_RESERVE_BYTES are set aside on the disk beside it: when
-    the disk fills, they are freed for the records of payments already accepted, and the
-    journal is `full` (refusing new ones) until the disk has room for the reserve again. It
-    grows until compacted: rewritten as the state it holds (compaction()), at start and
-    whenever it has doubled."""
+    """Append-only record of this instance (RECORDS); seq numbers its accepted payments (two with one id never share a
+    record). A failed or short write is cut back to the last whole record. A full disk frees JOURNAL_RESERVE_BYTES set
+    aside beside it for the records of payments already accepted; it is `full` (new ones refused) until the reserve
+    fits again. compaction() rewrites it as its state, at start and whenever it has doubled."""
     __slots__ = ("path", "config", "fd", "end", "torn", "full", "compacted", "compacting")
 
     def __init__(self, path, config):
-        self.path, self.config = path, config
-        self.fd = -1
-        self.end = 0  # offset just past the last whole record
-        self.torn = False  # a failed write could not be cut back yet
-        self.full = False  # the disk filled up: the reserve is spent
-        self.compacted = 0  # size right after the last compaction
-        self.compacting = False
+        self.path, self.config, self.fd = path, config, -1
+        self.end = self.compacted = 0  # just past the last whole record; the size right after the last compaction
+        self.torn = self.full = self.compacting = False  # torn: a failed write not cut back yet; full: reserve spent
 
     def replay(self, ledger, recent):
-        """Rebuild the remembered ids (a RecentIds) and mend the ledger: a confirmation the
-        journal holds and the ledger's log lacks (written first here, then there) is added.
-        Return (pending payments {seq: [cid, cents, accepted_ms, pin]} in order of acceptance,
-        the next free seq). It reads the journal since its last compaction only."""
+        """Rebuild the remembered ids and mend the ledger (adding a confirmation its log lost) from the journal since
+        its last compaction: (pending {seq: [cid, cents, accepted_ms, pin]} in order of acceptance, next free seq)."""
         pending, next_seq, epoch = {}, 0, 0
         if not os.path.exists(self.path):
             return pending, next_seq
@@ -716,76 +607,50 @@ class Journal:
             elif kind == b"I":
                 recent.add(fields[0])
             elif kind == b"A":
-                seq, cid, cents, accepted = fields
-                pending[seq] = [cid, cents, accepted, None]
-                recent.add(cid)
-                next_seq = max(next_seq, seq + 1)
-            elif kind == b"C":
-                if epoch == ledger.epoch and fields[4] == ledger.count():
+                pending[fields[0]] = [*fields[1:], None]
+                recent.add(fields[1])
+                next_seq = max(next_seq, fields[0] + 1)
+            elif kind == b"C" or kind == b"X":  # settled
+                if kind == b"C" and epoch == ledger.epoch and fields[4] == ledger.count():
                     ledger.record(*fields[1:4])
-                pending.pop(fields[0], None)
-            elif kind == b"X":
                 pending.pop(fields[0], None)
             elif fields[0] in pending:  # S pins, U unpins
                 pending[fields[0]][3] = fields[1:] if kind == b"S" else None
         return pending, next_seq
 
-    def open(self):
-        """Open it for appending (created if missing); a torn last record is cut before the
-        next append."""
+    def open_compacted(self, ledger, pending, remembered=()):
+        """At start: open it (a torn last record is cut before the next append) and compact it, as while running."""
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         size = os.fstat(self.fd).st_size
         tail = os.pread(self.fd, 4096, max(0, size - 4096))
         self.end = self.compacted = size - len(tail) + tail.rfind(b"\n") + 1
-        self.torn = self.end != size
-        self.full = not self.make_reserve()
-
-    def open_compacted(self, ledger, pending, remembered=()):
-        """At start: open it and compact it at once (the same compaction as while running)."""
-        self.open()
+        self.torn, self.full = self.end != size, not self.make_reserve()
         ledger.save()  # every confirmation the journal mended is in the ledger's files first
         for _ in self.compaction(ledger.epoch, pending, self.end, remembered, "at start"):
             pass
 
-    def replace_with(self, temporary):
-        """Rename a complete, synced rewrite over the journal (and sync the directory)."""
-        os.replace(temporary, self.path)
-        if self.config.journal_fsync:  # make the rename itself durable
-            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-
-    def due_for_compaction(self):
-        return not self.compacting and self.end > max(self.config.journal_compact_bytes, 2 * self.compacted)
-
-    async def compact(self, epoch, pending, start, remembered=()):
-        """While running: compaction() one slice per turn of the loop."""
+    async def compact(self, epoch, pending, start, remembered=()):  # while running: a slice per turn of the loop
         for _ in self.compaction(epoch, pending, start, remembered):
             await asyncio.sleep(0)
 
     def compaction(self, epoch, pending, start, remembered, when="while running"):
-        """Write the state as it was when the journal ended at `start` (the ledger's epoch,
-        pending payments, remembered ids) to a new file, JOURNAL_COMPACT_SLICE records
-        per step (the caller may run the loop between steps); then, in one step, add the
-        records appended since, sync, and rename it over the journal. A crash before the
-        rename leaves the old journal whole; after it, the new one. If it fails (a full disk),
-        the journal goes on as it is."""
-        temporary, fd = self.path + ".compact", -1
+        """Write the state as of when the journal ended at `start` (epoch, pending payments, remembered ids) to a new
+        file, JOURNAL_COMPACT_SLICE records a step (the loop runs between), then what came since; sync, rename it over
+        the journal: a crash leaves one whole journal, old or new. If it fails (disk full), the old one goes on."""
+        temporary, fd, directory = self.path + ".compact", -1, -1
         self.compacting = True
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             records = snapshot_records(epoch, pending, remembered)
-            while True:
-                chunk = b"".join(itertools.islice(records, self.config.journal_compact_slice))
-                if not chunk:
-                    break
+            while chunk := b"".join(itertools.islice(records, self.config.journal_compact_slice)):
                 write_whole(fd, chunk)
                 yield
             write_whole(fd, os.pread(self.fd, self.end - start, start))  # appended meanwhile
             os.fsync(fd)
-            self.replace_with(temporary)
+            os.replace(temporary, self.path)
+            if self.config.journal_fsync:  # make the rename itself durable
+                directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                os.fsync(directory)
             os.close(self.fd)
             self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o644)
             self.end = self.compacted = os.fstat(self.fd).st_size
@@ -796,32 +661,26 @@ class Journal:
             if os.path.exists(temporary):
                 os.unlink(temporary)
         finally:
-            if fd >= 0:
-                os.close(fd)
+            for opened in (fd, directory):
+                if opened >= 0:
+                    os.close(opened)
             self.compacting = False
 
     def make_reserve(self):
-        """Set JOURNAL_RESERVE_BYTES aside beside the journal; False if the disk has no room."""
         try:
-            fd = os.open(self.path + ".reserve", os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.posix_fallocate(fd, 0, max(1, self.config.journal_reserve_bytes))
-            finally:
-                os.close(fd)
+            with open(self.path + ".reserve", "ab") as file:
+                os.posix_fallocate(file.fileno(), 0, max(1, self.config.journal_reserve_bytes))
+            return True
         except OSError:
             return False
-        return True
 
     def retry_reserve(self):
-        """While full: leave that state once the disk has room for the reserve again."""
         if self.full and self.make_reserve():
             self.full = False
             log("journal: the disk has room again")
 
     def append(self, line):
-        """Write one whole record, or raise OSError having written nothing of it. The first
-        write to find the disk full (an error or a short write) frees the reserve and tries
-        once more."""
+        """Write a whole record or none (OSError); the first write to find the disk full frees the reserve, retries."""
         if self.torn:
             self.cut_back()
         try:
@@ -844,20 +703,20 @@ class Journal:
         if self.config.journal_fsync:
             os.fdatasync(self.fd)
 
+    def append_quietly(self, line):
+        """append(), a failure only logged: for records a restart can do without (replay resends; a 422 settles)."""
+        try:
+            self.append(line)
+        except OSError as error:
+            log(f"journal write failed: {error}")
+
     def cut_back(self):
-        """Remove whatever a failed write left after the last whole record."""
         self.torn = True
         os.ftruncate(self.fd, self.end)  # OSError propagates: still torn, retried next time
         self.torn = False
 
-    def size(self):
-        return self.end
-
 
 def snapshot_records(epoch, pending, remembered=()):
-    """The journal records that rebuild this state: the epoch (after a purge), the ids still
-    remembered, then the pending payments ({seq: [cid, cents, accepted_ms, pin]}) with their
-    pins. Confirmed payments are the ledger's, in its own files."""
     if epoch:
         yield record(b"P", epoch)
     for cid in remembered:
@@ -873,19 +732,11 @@ def write_whole(fd, data):
         raise OSError(errno.ENOSPC, "short write")
 
 
-# ---------------------------------------------------------------------------
-# Queue
-# Accepted payments not yet settled, each a Payment in exactly one place of the Backlog:
-# free to go to either processor (oldest first), pinned to one, or under way. Capacity counts
-# every unsettled payment, in flight too.
-# ---------------------------------------------------------------------------
-
-
+# ---- Queue ----------------------------------------------------------------
+# Accepted payments not yet settled, each a Payment in one place of the Backlog; capacity counts all, in flight too.
 class Payment:
-    """One accepted payment, from its A record until it is settled. `processor` and
-    `requested_ms` name the latest attempt (its S record); while that attempt may have landed,
-    the payment is pinned there (settle_from: when the pin's clock started) and goes again only
-    there, with the same requestedAt, so that a 422 can prove it ours."""
+    """One accepted payment until settled. `processor`, `requested_ms`: its latest attempt; while that may have landed
+    it is pinned there (settle_from: the pin's clock), going again only there with that requestedAt: a 422 is ours."""
     __slots__ = ("seq", "cid", "cents", "accepted_ms", "processor", "requested_ms", "settle_from")
 
     def __init__(self, seq, cid, cents, accepted_ms, pin=None, settle_from=None):
@@ -895,18 +746,14 @@ class Payment:
 
 
 class Backlog:
-    """Every unsettled payment is in exactly one place: `ready` (free to go anywhere, oldest
-    first), `pinned[p]` (waiting for processor p, where an attempt of it may have landed), or
-    `flying` (an attempt or a lookup under way, by seq). Only these methods move a payment;
-    check() proves the rule (the tests call it)."""
+    """Invariant: every unsettled payment is in exactly one of `ready` (oldest first), `pinned[p]` (waiting for
+    processor p) or `flying` (under way, by seq); only these methods move one, and check() proves it."""
     __slots__ = ("capacity", "nearly", "ready", "pinned", "flying")
 
     def __init__(self, config):
         self.capacity = config.queue_capacity
         self.nearly = config.queue_capacity * config.fallback_queue_fraction
-        self.ready = deque()
-        self.pinned = (deque(), deque())
-        self.flying = {}
+        self.ready, self.pinned, self.flying = deque(), (deque(), deque()), {}
 
     def unsettled(self):
         return len(self.ready) + len(self.pinned[DEFAULT]) + len(self.pinned[FALLBACK]) + len(self.flying)
@@ -915,15 +762,12 @@ class Backlog:
         return self.unsettled() >= self.capacity
 
     def nearly_full(self):
-        """Waiting to go anywhere past FALLBACK_QUEUE_FRACTION of the capacity."""
         return len(self.ready) >= self.nearly
 
     def add(self, payment):
-        """A payment accepted, or replayed: pinned where its pin says, else ready."""
         (self.ready if payment.processor is None else self.pinned[payment.processor]).append(payment)
 
     def fly(self, payment, processor, requested_ms):
-        """Out of its line (next_ready, next_pinned or unpin_for_lookup took it) to an attempt."""
         payment.processor, payment.requested_ms = processor, requested_ms
         self.flying[payment.seq] = payment
 
@@ -943,8 +787,7 @@ class Backlog:
         return True
 
     def land(self, payment, after, settle_from=None):
-        """An attempt or lookup ended: the payment is PINNED (settle_from: the pin's clock),
-        QUEUED again (free), or settled (CONFIRMED, NOT_OURS: gone)."""
+        """An attempt or lookup ended: the payment is PINNED (settle_from: the pin's clock), QUEUED again, or gone."""
         del self.flying[payment.seq]
         if after is PINNED:
             payment.settle_from = settle_from
@@ -959,9 +802,7 @@ class Backlog:
                 + sum(payment.settle_from is not None for payment in self.flying.values()))
 
     def pending(self):
-        """Every unsettled payment as replay would rebuild it, in order of acceptance:
-        {seq: [cid, cents, accepted_ms, pin]}; one under way is pinned where its attempt went
-        (its S record says the same)."""
+        """Every unsettled payment as replay rebuilds it, in order; one under way is pinned where its attempt went."""
         state = {}
         for payment in itertools.chain(self.ready, *self.pinned, self.flying.values()):
             pin = None if payment.processor is None else (payment.processor, payment.requested_ms)
@@ -973,35 +814,21 @@ class Backlog:
         seen = [payment.seq for payment in itertools.chain(self.ready, *self.pinned, self.flying.values())]
         assert len(seen) == len(set(seen)) == self.unsettled(), "a payment in two places"
         assert all(payment.processor is None and payment.settle_from is None for payment in self.ready)
-        for processor, waiting in enumerate(self.pinned):
-            assert all(payment.processor == processor and payment.requested_ms is not None
-                       and payment.settle_from is not None for payment in waiting)
+        assert all(payment.processor == p and payment.requested_ms is not None and payment.settle_from is not None
+                   for p, waiting in enumerate(self.pinned) for payment in waiting)
         assert all(seq == payment.seq and payment.processor is not None and payment.requested_ms is not None
                    for seq, payment in self.flying.items())
 
 
-# ---------------------------------------------------------------------------
-# Processor client
-# A keep-alive HTTP/1.1 connection pool per upstream (processor or peer), over TCP or
-# a unix socket. One request per connection at a time; any doubt closes the connection.
-# ---------------------------------------------------------------------------
-
-
+# ---- Processor client -----------------------------------------------------
+# A keep-alive HTTP/1.1 connection pool per upstream (processor or peer), over TCP or a unix socket. One request
+# per connection at a time; any doubt closes the connection.
 class UpstreamError(Exception):
     """No usable answer: connection lost, timeout, or a malformed response."""
 
 
 class NotSent(UpstreamError):
     """Nothing of the request left this process: no connection, or it closed before the write."""
-
-
-def parse_address(url):
-    """'http://host:port' or 'unix:/path' -> (host or None, port or path)."""
-    if url.startswith("unix:"):
-        return None, url[5:]
-    rest = url.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = rest.rpartition(":")
-    return (host, int(port)) if host else (rest, 80)
 
 
 def parse_response(buffer):
@@ -1015,13 +842,11 @@ def parse_response(buffer):
     status_line = lines[0].split(b" ", 2)
     if len(status_line) < 2 or not status_line[1].isdigit():
         raise UpstreamError("malformed status line")
-    status = int(status_line[1])
-    keep_alive = status_line[0] == b"HTTP/1.1"
+    status, keep_alive = int(status_line[1]), status_line[0] == b"HTTP/1.1"
     length, chunked = None, False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        value = value.strip().lower()
+        name, value = name.strip().lower(), value.strip().lower()
         if name == b"content-length" and value.isdigit():
             length = int(value)
         elif name == b"transfer-encoding" and b"chunked" in value:
@@ -1031,49 +856,36 @@ def parse_response(buffer):
     start = end + 4
     if chunked:
         return parse_chunked(buffer, start, status, keep_alive)
-    if length is None:
-        length = 0 if status in (204, 304) or status < 200 else -1
-    if length < 0:  # body delimited by the connection closing: not supported
+    if length is None and status >= 200 and status not in (204, 304):  # a body up to the close: not supported
         raise UpstreamError("response without length")
-    if len(buffer) < start + length:
-        return None
-    return status, bytes(buffer[start:start + length]), keep_alive, start + length
+    end = start + (length or 0)
+    return None if len(buffer) < end else (status, bytes(buffer[start:end]), keep_alive, end)
 
 
 def parse_chunked(buffer, at, status, keep_alive):
     body = bytearray()
-    while True:
-        line_end = buffer.find(b"\r\n", at)
-        if line_end < 0:
-            return None
+    while (line_end := buffer.find(b"\r\n", at)) >= 0:
         try:
             size = int(bytes(buffer[at:line_end]).split(b";")[0], 16)
         except ValueError:
             raise UpstreamError("malformed chunk size") from None
         at = line_end + 2
-        if size == 0:
-            trailer_end = buffer.find(b"\r\n", at)
-            while trailer_end > at:  # skip trailer fields
-                at = trailer_end + 2
-                trailer_end = buffer.find(b"\r\n", at)
-            if trailer_end < 0:
-                return None
-            return status, bytes(body), keep_alive, trailer_end + 2
+        if size == 0:  # the end: trailer fields, if any, then an empty line
+            end = buffer.find(b"\r\n\r\n", at - 2)
+            return None if end < 0 else (status, bytes(body), keep_alive, end + 4)
         if len(buffer) < at + size + 2:
             return None
         body += buffer[at:at + size]
         at += size + 2
+    return None
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("transport", "buffer", "waiter", "timer", "reusable")
 
     def __init__(self):
-        self.transport = None
-        self.buffer = bytearray()
-        self.waiter = None
-        self.timer = None
-        self.reusable = True
+        self.transport = self.waiter = self.timer = None
+        self.buffer, self.reusable = bytearray(), True
 
     def connection_made(self, transport):
         self.transport = transport
@@ -1123,25 +935,17 @@ class Upstream:
     __slots__ = ("name", "host", "port", "timeout", "idle", "host_header")
 
     def __init__(self, name, url, timeout):
-        self.name, self.timeout = name, timeout
-        self.host, self.port = parse_address(url)
-        self.idle = []
+        self.name, self.timeout, self.idle = name, timeout, []
+        if url.startswith("unix:"):  # 'unix:/path' or 'http://host:port': (host or None, port or path)
+            self.host, self.port = None, url[5:]
+        else:
+            rest = url.split("://", 1)[-1].split("/", 1)[0]
+            host, _, port = rest.rpartition(":")
+            self.host, self.port = (host, int(port)) if host else (rest, 80)
         self.host_header = (f"{self.host}:{self.port}" if self.host else "localhost").encode()
 
-    async def connect(self):
-        loop = asyncio.get_running_loop()
-        try:
-            if self.host is None:
-                _, connection = await loop.create_unix_connection(UpstreamConnection, self.port)
-            else:
-                _, connection = await loop.create_connection(UpstreamConnection, self.host, self.port)
-        except OSError as error:
-            raise NotSent(f"cannot connect to {self.name}: {error}") from None
-        return connection
-
     async def request(self, method, path, body=b"", headers=b"", timeout=None):
-        """(status, body); UpstreamError when no answer came. A GET that fails on a reused
-        connection (the server may have closed it while idle) is tried once more afresh."""
+        """(status, body), or UpstreamError; a GET failing on a reused (maybe idle-closed) connection goes again."""
         connection, timeout = None, timeout or self.timeout
         while self.idle and connection is None:
             connection = self.idle.pop()
@@ -1149,7 +953,14 @@ class Upstream:
                 connection = None
         reused = connection is not None
         if connection is None:
-            connection = await self.connect()
+            loop = asyncio.get_running_loop()
+            try:
+                if self.host is None:
+                    _, connection = await loop.create_unix_connection(UpstreamConnection, self.port)
+                else:
+                    _, connection = await loop.create_connection(UpstreamConnection, self.host, self.port)
+            except OSError as error:
+                raise NotSent(f"cannot connect to {self.name}: {error}") from None
         data = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
             method, path, self.host_header, headers, len(body), body)
         try:
@@ -1174,33 +985,19 @@ class Upstream:
         self.idle.clear()
 
 
-# ---------------------------------------------------------------------------
-# Router and breaker
-# Two tables hold every decision: what each outcome of an attempt does to the payment and
-# to the breaker. The promise: the summary equals the processors' records for any window that
-# ends PROMISE_MARGIN_S before the request; a processor slower than that stores payments inside
-# such a window after the summary was read, so latency is a cost as failure is. The default
-# takes every payment while it works and keeps the promise; while it is down, the fallback
-# takes unpinned payments once the default has failed for FALLBACK_AFTER_S with no success
-# between; while it works too slowly, once it has been slow PROMISE_HOLD_S, if the fallback
-# keeps the promise (a 10 % higher fee on those payments against a 35 % fine on everything);
-# if neither does, the default after FALLBACK_AFTER_S (a late payment still earns 65 %, a
-# held one nothing if the test ends). Near capacity, waiting ends at once. A payment whose
-# attempt may have landed is pinned to that processor until an answer or a lookup settles it.
-# ---------------------------------------------------------------------------
+# ---- Router and breaker ---------------------------------------------------
+# Two tables hold every decision: what each outcome of an attempt does to the payment and to the breaker. The
+# promise: the summary equals the processors' records for any window ending PROMISE_MARGIN_S before the request, so
+# a processor slower than that costs as failure does (DESIGN.md weighs the fees against the fine; route() decides).
+# A payment whose attempt may have landed is pinned there until an answer or a lookup settles it.
 
-# A payment's states. IN_FLIGHT is the attempt itself (Backlog.flying): the tables below map
-# the state before an attempt and its outcome to the state after it.
+# A payment's states (IN_FLIGHT: the attempt itself, Backlog.flying); the tables map state and outcome to the next.
 QUEUED, IN_FLIGHT, PINNED, CONFIRMED, NOT_OURS = "queued", "in flight", "pinned", "confirmed", "not ours"
 
 # Outcomes of an attempt (POST /payments to one processor).
-OK = "200"
+OK, THROTTLED, REJECTED, FAILED = "200", "429", "other 4xx", "5xx"  # 5xx: the processor fails before it stores
 STORED_OURS = "422, stored with our requestedAt"  # a 422 on a pinned payment is looked up
-STORED_OTHER = "422, stored by another request"
-STORED_UNREAD = "422, lookup unanswered"
-REJECTED = "other 4xx"
-THROTTLED = "429"
-FAILED = "5xx"  # the processor fails before it stores
+STORED_OTHER, STORED_UNREAD = "422, stored by another request", "422, lookup unanswered"
 NOT_SENT = "not sent"  # refused, or closed before the request was written
 ANSWER_LOST = "answer lost"  # written, then a timeout, a lost connection or a garbled answer
 JOURNAL_FAILED = "journal write failed"  # so nothing was sent
@@ -1217,37 +1014,23 @@ SUCCESS, FAILURE, NEUTRAL, NOTHING = "success", "failure", "neutral", None
 REPORTED_FAILING, REPORTED_OK = "reported failing", "reported ok"
 
 PAYMENT_TRANSITIONS = {  # (state before the attempt, outcome) -> (state after, breaker signal)
-    (QUEUED, OK): (CONFIRMED, SUCCESS),
-    (QUEUED, STORED_OURS): (CONFIRMED, SUCCESS),
-    (QUEUED, STORED_OTHER): (NOT_OURS, SUCCESS),  # someone else sent this id first
-    (QUEUED, STORED_UNREAD): (PINNED, NEUTRAL),
-    (QUEUED, REJECTED): (NOT_OURS, SUCCESS),
-    (QUEUED, THROTTLED): (QUEUED, NEUTRAL),
-    (QUEUED, FAILED): (QUEUED, FAILURE),
-    (QUEUED, NOT_SENT): (QUEUED, FAILURE),
-    (QUEUED, ANSWER_LOST): (PINNED, FAILURE),
-    (QUEUED, JOURNAL_FAILED): (QUEUED, NEUTRAL),
-    (QUEUED, CRASHED): (PINNED, NEUTRAL),
-    (PINNED, OK): (CONFIRMED, SUCCESS),
-    (PINNED, STORED_OURS): (CONFIRMED, SUCCESS),
-    (PINNED, STORED_OTHER): (NOT_OURS, SUCCESS),
-    (PINNED, STORED_UNREAD): (PINNED, NEUTRAL),
-    (PINNED, REJECTED): (NOT_OURS, SUCCESS),
-    (PINNED, THROTTLED): (PINNED, NEUTRAL),
-    (PINNED, FAILED): (PINNED, FAILURE),  # this attempt failed; an earlier one may still land
-    (PINNED, NOT_SENT): (PINNED, FAILURE),
-    (PINNED, ANSWER_LOST): (PINNED, FAILURE),
-    (PINNED, JOURNAL_FAILED): (PINNED, NEUTRAL),
-    (PINNED, CRASHED): (PINNED, NEUTRAL),
-    (PINNED, FOUND_OURS): (CONFIRMED, NOTHING),
-    (PINNED, FOUND_OTHER): (NOT_OURS, NOTHING),
-    (PINNED, ABSENT): (QUEUED, NOTHING),  # settled and absent: that attempt can no longer land
-    (PINNED, UNCHECKED): (PINNED, NOTHING),
+    (QUEUED, OK): (CONFIRMED, SUCCESS), (PINNED, OK): (CONFIRMED, SUCCESS),
+    (QUEUED, STORED_OURS): (CONFIRMED, SUCCESS), (PINNED, STORED_OURS): (CONFIRMED, SUCCESS),
+    (QUEUED, STORED_OTHER): (NOT_OURS, SUCCESS), (PINNED, STORED_OTHER): (NOT_OURS, SUCCESS),  # another sent it first
+    (QUEUED, STORED_UNREAD): (PINNED, NEUTRAL), (PINNED, STORED_UNREAD): (PINNED, NEUTRAL),
+    (QUEUED, REJECTED): (NOT_OURS, SUCCESS), (PINNED, REJECTED): (NOT_OURS, SUCCESS),
+    (QUEUED, THROTTLED): (QUEUED, NEUTRAL), (PINNED, THROTTLED): (PINNED, NEUTRAL),
+    (QUEUED, FAILED): (QUEUED, FAILURE), (PINNED, FAILED): (PINNED, FAILURE),  # pinned: an earlier one may land
+    (QUEUED, NOT_SENT): (QUEUED, FAILURE), (PINNED, NOT_SENT): (PINNED, FAILURE),
+    (QUEUED, ANSWER_LOST): (PINNED, FAILURE), (PINNED, ANSWER_LOST): (PINNED, FAILURE),
+    (QUEUED, JOURNAL_FAILED): (QUEUED, NEUTRAL), (PINNED, JOURNAL_FAILED): (PINNED, NEUTRAL),
+    (QUEUED, CRASHED): (PINNED, NEUTRAL), (PINNED, CRASHED): (PINNED, NEUTRAL),
+    (PINNED, FOUND_OURS): (CONFIRMED, NOTHING), (PINNED, FOUND_OTHER): (NOT_OURS, NOTHING),
+    (PINNED, ABSENT): (QUEUED, NOTHING), (PINNED, UNCHECKED): (PINNED, NOTHING),  # absent: it can no longer land
 }
 
-# Breaker states: closed sends freely; open sends nothing until retry_at; half-open has one
-# probe out. COUNTED: open after BREAKER_FAILURES failures in a row. PROBE_NOW: open, retry_at
-# now (a probe that proved nothing, or a health report of recovery). SAME: no change.
+# Breaker states: closed sends; open sends nothing until retry_at; half-open has one probe out. COUNTED: open after
+# BREAKER_FAILURES failures in a row. PROBE_NOW: open, retry_at now (a probe proved nothing, or health recovered).
 CLOSED, OPEN, HALF_OPEN, COUNTED, PROBE_NOW, SAME = "closed", "open", "half-open", "counted", "probe now", "same"
 BREAKER_TRANSITIONS = {  # (state, signal) -> next
     (CLOSED, SUCCESS): CLOSED, (CLOSED, FAILURE): COUNTED, (CLOSED, NEUTRAL): CLOSED,
@@ -1263,10 +1046,7 @@ class Breaker:
     __slots__ = ("config", "state", "failures", "retry_at", "failing_since", "reported_failing")
 
     def __init__(self, config):
-        self.config = config
-        self.state = CLOSED
-        self.failures = 0  # in a row
-        self.retry_at = 0.0
+        self.config, self.state, self.retry_at, self.failures = config, CLOSED, 0.0, 0  # failures: in a row
         self.failing_since = None  # monotonic time of the first failure since the last success
         self.reported_failing = None  # what the health endpoint said last
 
@@ -1281,8 +1061,7 @@ class Breaker:
 
     def observe(self, signal, now):
         if signal is SUCCESS:
-            self.failures = 0
-            self.failing_since = None
+            self.failures, self.failing_since = 0, None
         elif signal is FAILURE or signal is REPORTED_FAILING:
             self.failures += signal is FAILURE
             if self.failing_since is None:
@@ -1298,53 +1077,37 @@ class Breaker:
             self.state = target
 
     def down_for(self, now):
-        """Seconds since the first failure with no success after it (0 while working)."""
         return 0.0 if self.failing_since is None else now - self.failing_since
 
 
 class Lane:
-    """One processor as the router sees it: its connections, its breaker, how many payments
-    may be in flight there, and whether it keeps the summary's promise.
-
-    In flight: by Little's law, rate x latency; the pump sends what gathered over
-    FORWARD_BATCH_S at once, so the limit is FORWARD_RATE x (latency + FORWARD_BATCH_S) from
-    the first answer on, between IN_FLIGHT_MIN and a ceiling: IN_FLIGHT_CAP (what the
-    processor takes from one of two instances), halved by a 429, one more per answer after.
-
-    The promise (see Router): a payment sent here is stored about one latency after it is
-    sent. The lane keeps the promise while the latest-sent stored attempt took under
-    PROMISE_MARGIN_S - PROMISE_HEADROOM_S and no attempt has been out longer than that, nor
-    suspiciously long: over max(SUSPECT_MIN_S, 3 x that latency), which stops new sends here
-    at once until the answers say how slow it has become."""
+    """One processor as the router sees it: connections, breaker, in-flight limit, whether it keeps the summary's
+    promise. The limit: FORWARD_RATE x (latency + FORWARD_BATCH_S) (Little's law, with the pump's batching), between
+    IN_FLIGHT_MIN and a ceiling (IN_FLIGHT_CAP, halved by a 429, +1 per answer). The promise (see Router) holds while
+    the latest-sent stored attempt took under PROMISE_MARGIN_S - PROMISE_HEADROOM_S and none is out longer, nor over
+    max(SUSPECT_MIN_S, 3 x that latency), which stops sends at once."""
     __slots__ = ("config", "index", "upstream", "breaker", "in_flight", "limit", "ceiling", "latency", "confirmed",
                  "failed", "outstanding", "promise_latency", "promise_sent", "keeping", "slow_since", "probe_at")
 
     def __init__(self, index, url, config):
-        self.config, self.index = config, index
+        self.config, self.index, self.breaker = config, index, Breaker(config)
         self.upstream = Upstream(PROCESSOR_NAMES[index], url, config.processor_timeout_s)
-        self.breaker = Breaker(config)
-        self.in_flight = 0
-        self.limit = min(config.in_flight_min, config.in_flight_cap)
-        self.ceiling = config.in_flight_cap
+        self.in_flight = self.confirmed = self.failed = 0
+        self.limit, self.ceiling = min(config.in_flight_min, config.in_flight_cap), config.in_flight_cap
         self.latency = 0.0  # seconds, moving average over answered attempts
-        self.confirmed = 0
-        self.failed = 0
         self.outstanding = deque()  # [monotonic start] of the attempts out, oldest first; None once answered
-        self.promise_latency = 0.0  # seconds the latest-sent stored attempt took
-        self.promise_sent = 0.0  # when that attempt was sent
+        self.promise_latency = self.promise_sent = 0.0  # the latest-sent stored attempt: seconds it took, when sent
         self.keeping = True  # whether the lane keeps the promise, as of the latest pump
         self.slow_since = None  # when a working lane was first seen breaking it; None while keeping
         self.probe_at = 0.0  # while it breaks it: when the next probe may go (Pipeline.route)
 
     def sending(self, now):
-        """An attempt goes out now: its mark, for answered()."""
         mark = [now]
         self.outstanding.append(mark)
         return mark
 
     def answered(self, mark, now, status):
-        """An attempt ended: status None if no answer came. An answer teaches the in-flight
-        limit; a stored one (200 or 422) also when stores land."""
+        """An attempt ended (status None: no answer): answers teach the limit; stored ones, when stores land."""
         started, mark[0] = mark[0], None
         seconds = now - started
         if (status == 200 or status == 422) and started >= self.promise_sent:  # the freshest evidence
@@ -1364,8 +1127,7 @@ class Lane:
         self.ceiling = self.limit = max(min(self.config.in_flight_min, self.config.in_flight_cap), self.limit // 2)
 
     def check_promise(self, now):
-        """Whether payments sent here now keep the promise; a working lane that breaks it
-        starts its slow_since clock (a lane that is down is the breaker's business)."""
+        """Whether sends here now keep the promise; a working lane (not a down one) that breaks it starts slow_since."""
         config = self.config
         bound = config.promise_margin_s - config.promise_headroom_s
         oldest = now - self.outstanding[0][0] if self.outstanding else 0.0
@@ -1379,37 +1141,26 @@ class Lane:
 
 
 class Pipeline:
-    """Backlog, lanes, ledger and journal: everything a payment passes through. Attempts
-    start from pump(), which runs after anything that can let a payment move."""
+    """Backlog, lanes, ledger, journal. Attempts start from pump(), run after anything that can let a payment move."""
 
     def __init__(self, config, journal, ledger, pending=None, next_seq=0, recent=None):
-        """pending: payments replayed from the journal ({seq: [cid, cents, accepted_ms, pin]}),
-        queued first, whatever their number: they were accepted, they are never dropped."""
-        self.config = config
-        self.journal = journal
-        self.ledger = ledger
-        self.backlog = Backlog(config)
+        """pending: payments replayed from the journal, queued first whatever their number: never dropped."""
+        self.config, self.journal, self.ledger, self.next_seq = config, journal, ledger, next_seq
+        self.backlog, self.outboxes = Backlog(config), []  # outboxes, per peer: ids accepted here, to tell it
         self.recent = recent or RecentIds(config.remembered_ids)  # as replayed from the journal
-        for entry in (pending or {}).values():  # accepted before a purge, still ours
-            self.recent.add(entry[0])
-        self.lanes = (Lane(DEFAULT, config.default_processor_url, config), Lane(FALLBACK, config.fallback_processor_url, config))
-        self.next_seq = next_seq
-        self.outboxes = []  # per peer: ids accepted here, to tell it (see Replication)
+        self.lanes = (Lane(DEFAULT, config.default_processor_url, config),
+                      Lane(FALLBACK, config.fallback_processor_url, config))
         self.accepted = self.duplicates = self.rejected = 0
-        self.running = True
-        self.pump_due = False
+        self.running, self.pump_due = True, False
         self.pumped_at = -config.forward_batch_s  # time.monotonic() of the latest pump that sent
-        self.wake = None  # timer for the next moment a held payment may move
-        self.wake_at = 0.0
+        self.wake, self.wake_at = None, 0.0  # timer for the next moment a held payment may move
         now = time.monotonic()
         for seq, (cid, cents, accepted, pin) in (pending or {}).items():
-            # a pin's attempt may have been under way at the crash: its clock restarts
-            self.backlog.add(Payment(seq, cid, cents, accepted, pin, now))
+            self.recent.add(cid)  # accepted before a purge: still ours
+            self.backlog.add(Payment(seq, cid, cents, accepted, pin, now))  # a pin's clock restarts
 
-    # -- accepting ---------------------------------------------------------
     def accept(self, cid, cents):
-        """Journal then queue a payment; HttpError if it cannot be taken safely. An id
-        accepted already is the same payment: nothing more to do."""
+        """Journal then queue a payment, or HttpError; an id accepted already is the same payment: nothing to do."""
         if cid in self.recent.known:
             self.duplicates += 1
             return
@@ -1418,8 +1169,7 @@ class Pipeline:
             raise RetryLater("queue full, retry later")
         if self.journal.full:
             raise RetryLater("the journal's disk is full, retry later")
-        seq = self.next_seq
-        accepted = now_ms()
+        seq, accepted = self.next_seq, now_ms()
         try:
             self.journal.append(record(b"A", seq, cid, cents, accepted))
         except OSError as error:
@@ -1433,12 +1183,9 @@ class Pipeline:
         self.accepted += 1
         self.pump_soon()
 
-    # -- routing -----------------------------------------------------------
     def pump_soon(self):
-        """Pump at once, or FORWARD_BATCH_S after the latest pump that sent if later. Under
-        load, payments then go out together and their answers come back together: a wakeup
-        of this process costs more than the work of a payment, and this halves the wakeups
-        an answer costs. Idle, the first payment goes at once."""
+        """Pump at once, or FORWARD_BATCH_S after the latest pump that sent: under load, payments go out and their
+        answers come back together, halving the wakeups (each costs more than a payment's work)."""
         if not self.pump_due:
             self.pump_due = True
             wait = self.pumped_at + self.config.forward_batch_s - time.monotonic()
@@ -1448,30 +1195,27 @@ class Pipeline:
                 asyncio.get_running_loop().call_soon(self.pump)
 
     def pump(self):
-        """Start every attempt that may start now: pinned payments on their own processor
-        (each lane apart, so none waits on another), then the rest wherever route() says."""
+        """Start what may start now: pinned payments on their own lane, then the rest where route() says."""
         self.pump_due = False
         if not self.running:
             return
-        now = time.monotonic()
-        backlog = self.backlog
-        in_flight = self.in_flight()
+        now, backlog, in_flight = time.monotonic(), self.backlog, self.in_flight()
         for lane in self.lanes:
             lane.check_promise(now)
             waiting = backlog.pinned[lane.index]
             while waiting and lane.in_flight < lane.limit and lane.breaker.allows(now):
                 self.start(backlog.next_pinned(lane.index), lane, PINNED)
-        while backlog.ready:
-            lane = self.route(now)
-            if lane is None:
-                break
+        while backlog.ready and (lane := self.route(now)) is not None:
             self.start(backlog.next_ready(), lane, QUEUED)
         if self.in_flight() > in_flight:  # pacing counts the pumps that sent something
             self.pumped_at = now
         self.arm_wake(now)
 
     def route(self, now):
-        """The lane for the next unpinned payment, or None to hold it (rule: Router above)."""
+        """The lane for the next unpinned payment, or None to hold it: the default while it works and keeps the
+        promise; the fallback once the default has failed FALLBACK_AFTER_S with no success between, or been too slow
+        PROMISE_HOLD_S while the fallback keeps it (a 10 % higher fee against a 35 % fine); else the default after
+        FALLBACK_AFTER_S (late earns 65 %, held at the end nothing). Near capacity, waiting ends at once."""
         default, fallback = self.lanes
         if default.keeping or default.breaker.state is not CLOSED:  # fast enough, or down
             if default.in_flight < default.limit and default.breaker.allows(now):
@@ -1480,53 +1224,46 @@ class Pipeline:
                 return None  # working, only busy: worth the wait
             if default.breaker.down_for(now) < self.config.fallback_after_s and not self.backlog.nearly_full():
                 return None  # down, but not for long yet
-            if fallback.in_flight < fallback.limit and fallback.breaker.allows(now):
-                return fallback
-            return None
-        # Working, but too slow to keep the promise: probes learn when it is fast again. One at a
-        # time; or one every PROBE_INTERVAL_S while the summaries wait for its stores (landed()).
-        if default.in_flight == 0 or (now >= default.probe_at and
-                                      default.promise_latency < self.config.promise_margin_s + self.config.summary_wait_s):
-            default.probe_at = now + self.config.probe_interval_s
+            return fallback if fallback.in_flight < fallback.limit and fallback.breaker.allows(now) else None
+        # Working, but too slow to keep the promise: probes learn when it is fast again. One at a time; or one every
+        # PROBE_INTERVAL_S while the summaries wait for its stores (landed()).
+        config = self.config
+        if default.in_flight == 0 or (now >= default.probe_at
+                                      and default.promise_latency < config.promise_margin_s + config.summary_wait_s):
+            default.probe_at = now + config.probe_interval_s
             return default
         slow_for = now - default.slow_since
         if fallback.keeping and fallback.breaker.state is CLOSED:
-            if slow_for >= self.config.promise_hold_s or self.backlog.nearly_full():
+            if slow_for >= config.promise_hold_s or self.backlog.nearly_full():
                 return fallback if fallback.in_flight < fallback.limit else None
-        elif slow_for >= self.config.fallback_after_s or self.backlog.nearly_full():
+        elif slow_for >= config.fallback_after_s or self.backlog.nearly_full():
             return default if default.in_flight < default.limit else None  # neither keeps it
         return None
 
     def arm_wake(self, now):
-        """Pump again when a held payment may move: a breaker's next probe, or the moment
-        the default has been down FALLBACK_AFTER_S, or slow PROMISE_HOLD_S or FALLBACK_AFTER_S.
-        Answers pump too, so this covers holds."""
-        backlog = self.backlog
+        """Pump again when a held payment may move: a breaker's probe, the default down or slow long enough."""
+        backlog, default, config = self.backlog, self.lanes[DEFAULT], self.config
         moments = [lane.breaker.retry_at for lane in self.lanes if lane.breaker.state is OPEN
                    and (backlog.ready or backlog.pinned[lane.index])]
-        default = self.lanes[DEFAULT]
         if backlog.ready and default.breaker.failing_since is not None:
-            moments.append(default.breaker.failing_since + self.config.fallback_after_s)
+            moments.append(default.breaker.failing_since + config.fallback_after_s)
         if backlog.ready and default.slow_since is not None:
-            moments += (default.slow_since + self.config.promise_hold_s, default.slow_since + self.config.fallback_after_s)
+            moments += (default.slow_since + config.promise_hold_s, default.slow_since + config.fallback_after_s)
         at = min((moment for moment in moments if moment > now), default=None)
         if at is None or (self.wake is not None and self.wake_at <= at):
             return
         if self.wake is not None:
             self.wake.cancel()
-        self.wake_at = at
-        # The loop's timers may fire up to a millisecond early: aim just after the moment.
+        self.wake_at = at  # the loop's timers may fire up to a millisecond early: aim just after the moment
         self.wake = asyncio.get_running_loop().call_later(at - now + 0.001, self.woken)
 
     def woken(self):
         self.wake = None
         self.pump()
 
-    # -- one attempt -------------------------------------------------------
     def start(self, payment, lane, state):
         """Hand a payment to an attempt; from this moment pending() sees it as under way."""
-        lane.in_flight += 1
-        # A pinned payment is re-sent with the same requestedAt, so a 422 can prove it ours.
+        lane.in_flight += 1  # a pinned payment goes again with the same requestedAt, so a 422 can prove it ours
         self.backlog.fly(payment, lane.index, payment.requested_ms if state is PINNED else now_ms())
         asyncio.get_running_loop().create_task(self.attempt(payment, lane, state))
 
@@ -1541,7 +1278,6 @@ class Pipeline:
             self.settle(payment, lane, state, outcome)
 
     async def send(self, payment, lane, pinned):
-        """POST the payment; its outcome (one of ATTEMPT_OUTCOMES)."""
         requested = payment.requested_ms
         try:
             self.journal.append(record(b"S", payment.seq, lane.index, requested))
@@ -1572,7 +1308,6 @@ class Pipeline:
         return REJECTED if 400 <= status < 500 else FAILED
 
     async def lookup(self, lane, cid, requested):
-        """GET /payments/{id}: one of LOOKUP_OUTCOMES, comparing the stored requestedAt to ours."""
         try:
             status, body = await lane.upstream.request(b"GET", b"/payments/" + cid)
             if status == 404:
@@ -1595,11 +1330,11 @@ class Pipeline:
         earlier = payment.settle_from  # None: it was not pinned before this attempt
         self.backlog.land(payment, after, now if earlier is None or outcome in MAY_LAND_LATER else earlier)
         if after is QUEUED:
-            self.journal_quietly(record(b"U", seq))
+            self.journal.append_quietly(record(b"U", seq))
         elif after is CONFIRMED:
             lane.confirmed += 1  # the journal first: a replay adds what the ledger then lacks
             ledger = self.ledger
-            self.journal_quietly(record(b"C", seq, lane.index, requested, payment.cents, ledger.count()))
+            self.journal.append_quietly(record(b"C", seq, lane.index, requested, payment.cents, ledger.count()))
             ledger.record(lane.index, requested, payment.cents)
         elif after is NOT_OURS:
             if outcome is REJECTED:
@@ -1607,64 +1342,45 @@ class Pipeline:
                 log(f"{PROCESSOR_NAMES[lane.index]} refused {payment.cid.decode()} for good")
             else:
                 self.duplicates += 1
-            self.journal_quietly(record(b"X", seq))
+            self.journal.append_quietly(record(b"X", seq))
         backlog = self.backlog
         if backlog.ready or backlog.pinned[DEFAULT] or backlog.pinned[FALLBACK]:
             self.pump_soon()  # a slot is free and something waits for one
 
     async def landed(self, low, high):
-        """Wait, at most SUMMARY_WAIT_S, until no attempt is under way whose requestedAt lies in
-        [low, high] and is PROMISE_MARGIN_S old: a processor slower than the margin stores such
-        a payment inside a window the promise covers, and a summary answered before its answer
-        would miss what the processor's own summary, asked just after, counts."""
+        """Wait (at most SUMMARY_WAIT_S) while an attempt whose requestedAt is in [low, high] and PROMISE_MARGIN_S old
+        is under way: a slow processor stores it inside the promised window, where its own summary would count it."""
         high = min(high, now_ms() - int(self.config.promise_margin_s * 1000))
-        deadline = time.monotonic() + self.config.summary_wait_s
-        flying = self.backlog.flying
+        deadline, flying = time.monotonic() + self.config.summary_wait_s, self.backlog.flying
         while time.monotonic() < deadline and any(low <= p.requested_ms <= high for p in flying.values()):
             await asyncio.sleep(0.005)
 
     def safe_below(self):
-        """Per processor, a requestedAt below which no confirmation can come any more: that of
-        the oldest attempt that may still land there (pinned, or under way), else now."""
+        """Per processor, a requestedAt no confirmation can come below: the oldest attempt that may land, else now."""
         safe = [now_ms(), now_ms()]
         for payment in itertools.chain(*self.backlog.pinned, self.backlog.flying.values()):
             safe[payment.processor] = min(safe[payment.processor], payment.requested_ms)
         return safe
 
-    def pending_ids(self):
-        return [entry[0] for entry in self.backlog.pending().values()]
-
     def compact_if_due(self):
         journal = self.journal
-        if journal.due_for_compaction():
+        if not journal.compacting and journal.end > max(self.config.journal_compact_bytes, 2 * journal.compacted):
             journal.compacting = True  # the state and the offset it matches, taken together:
             self.ledger.save()
-            work = journal.compact(self.ledger.epoch, self.backlog.pending(), journal.end, list(self.recent.order))
-            asyncio.get_running_loop().create_task(work)
-
-    def journal_quietly(self, line):
-        try:
-            self.journal.append(line)
-        except OSError as error:  # replay will resend; the processor's 422 settles it then
-            log(f"journal write failed: {error}")
+            asyncio.get_running_loop().create_task(
+                journal.compact(self.ledger.epoch, self.backlog.pending(), journal.end, list(self.recent.order)))
 
     async def check_pins(self):
-        """Every PIN_CHECK_INTERVAL_S: a payment pinned to a processor that takes no payments
-        now, whose latest attempt is PIN_SETTLE_S old, is looked up: found, it is confirmed
-        (ours) or settled (not ours); absent, it may go anywhere. A working processor settles
-        its pins itself: pump() re-sends them and the answer (200, or 422 and a lookup) decides."""
+        """Each PIN_CHECK_INTERVAL_S, look up payments pinned PIN_SETTLE_S to a down processor (a working one
+        re-sends)."""
         while self.running:
             await asyncio.sleep(self.config.pin_check_interval_s)
             now = time.monotonic()
             for lane in self.lanes:
-                if lane.breaker.state is CLOSED:
-                    continue
-                due = [p for p in self.backlog.pinned[lane.index] if now - p.settle_from >= self.config.pin_settle_s]
-                for payment in due:
-                    if not self.backlog.take_pinned(payment):  # sent again, or settled, meanwhile
-                        continue
-                    outcome = await self.lookup(lane, payment.cid, payment.requested_ms)
-                    self.settle(payment, lane, PINNED, outcome)
+                waiting = self.backlog.pinned[lane.index] if lane.breaker.state is not CLOSED else ()
+                for payment in [p for p in waiting if now - p.settle_from >= self.config.pin_settle_s]:
+                    if self.backlog.take_pinned(payment):  # not sent again, nor settled, meanwhile
+                        self.settle(payment, lane, PINNED, await self.lookup(lane, payment.cid, payment.requested_ms))
 
     async def poll_health(self, lane):
         """GET /payments/service-health every HEALTH_INTERVAL_S (shared limit: 1 per 5 s)."""
@@ -1674,8 +1390,7 @@ class Pipeline:
                 status, body = await upstream.request(b"GET", b"/payments/service-health", timeout=8.0)
                 if status in (200, 503):  # newer processors answer 503 while failing
                     breaker.reported_failing = bool(orjson.loads(body).get("failing"))
-                    breaker.observe(REPORTED_FAILING if breaker.reported_failing else REPORTED_OK,
-                                    time.monotonic())
+                    breaker.observe(REPORTED_FAILING if breaker.reported_failing else REPORTED_OK, time.monotonic())
                     self.pump_soon()
                 else:
                     log(f"health of {upstream.name}: status {status}")
@@ -1686,72 +1401,30 @@ class Pipeline:
     def in_flight(self):
         return self.lanes[DEFAULT].in_flight + self.lanes[FALLBACK].in_flight
 
-    def statistics(self):
-        now = time.monotonic()
 
-        def processor(lane):
-            breaker = lane.breaker
-            count, cents = self.ledger.window(lane.index, -(1 << 62), 1 << 62)
-            return {"confirmed": lane.confirmed, "failed_attempts": lane.failed,
-                    "breaker": breaker.state, "reported_failing": breaker.reported_failing,
-                    "down_for_s": round(breaker.down_for(now), 3), "in_flight": lane.in_flight,
-                    "in_flight_limit": lane.limit, "latency_ms": round(lane.latency * 1000, 3),
-                    "keeps_promise": lane.keeping, "stored_latency_ms": round(lane.promise_latency * 1000, 3),
-                    "ledger_requests": count, "ledger_amount": cents / 100}
-        backlog = self.backlog
-        return {"queue": backlog.unsettled() - self.in_flight(), "in_flight": self.in_flight(),
-                "pinned": backlog.pins(), "accepted": self.accepted, "duplicates": self.duplicates,
-                "rejected": self.rejected, "default": processor(self.lanes[DEFAULT]),
-                "fallback": processor(self.lanes[FALLBACK]), "journal_bytes": self.journal.size()}
-
-
-# ---------------------------------------------------------------------------
-# Replication
-# Each instance streams its confirmation log (Ledger.log) to every peer and keeps a replica
-# of each peer's. A summary asks each peer for its own totals (Server.summary) and uses the
-# replica of a peer that does not answer within PEER_SUMMARY_TIMEOUT_S, so any instance
-# answers for the whole backend whether its peers are up, restarting or hung. One exchange,
-# POST /internal/replica:
-#   request  "origin epoch offset total mine ids\n", then entries offset, offset+1, ... of
-#            origin's log as packed native int64 triples (processor, requestedAt ms, cents),
-#            then `ids` correlationIds (36 bytes each) origin accepted since the last
-#            exchange (the receiver remembers them: a client's retry is not forwarded twice);
-#            total: the length of origin's log when sent; mine: how many entries of the
-#            receiver's log origin holds (-1: no replica of it yet, as after a restart)
+# ---- Replication ----------------------------------------------------------
+# Each instance streams its ledger's log to every peer and keeps a replica (a Ledger) of each peer's, so any instance
+# answers a summary for the whole backend, its peers up or not (DESIGN.md). One exchange, POST /internal/replica:
+#   request  "origin epoch offset total mine safe0 safe1 base kept_from ids\n", origin's log entries from offset on
+#            (packed LOG_ENTRY), then `ids` 36-byte correlationIds origin accepted since the last exchange (the
+#            receiver remembers them: a client's retry is not forwarded twice). total: origin's log length; mine: how
+#            much of the receiver's log origin holds (-1: none); safe0, safe1: origin's Ledger.safe (a whole replica
+#            freezes below it); base, kept_from: where origin's log and history start (retention dropped the rest)
 #   answer   "receiver epoch held": how many entries of origin's log the receiver holds
-# The receiver applies only the entries at index >= held (a resend, or a batch whose answer
-# was lost, never counts twice; a batch past a gap applies nothing) and the sender goes on
-# from held (a sender that does not know it yet sends an empty batch at the end of its log
-# to ask), so after a restart of either side each learns where the other is. An exchange
-# goes out every REPLICA_INTERVAL_S while there is something to send, else every
-# REPLICA_HEARTBEAT_S (the tick wakes an idle stream as soon as there is something new);
-# a receiver told by `mine` that the sender lacks part of its own log
-# sends at once (a restarted peer is refilled without waiting for a heartbeat). Indexes are
-# valid across restarts because the log's order is: a replay rebuilds it entry by entry
-# (C and L records in the journal's order). A log shorter than what a receiver holds (its
-# journal was lost) makes the receiver drop that replica and take it again from 0. A purge
-# starts a new epoch on every instance; batches of an older epoch are ignored. A replica is
-# in memory only: a restarted instance gets its replicas again from the peers, and answers
-# the load balancer's check (/internal/ready) with 503 until it has each live peer's whole
-# log (at most REPLICA_READY_MAX_S). The summary can miss what a peer confirmed but had not
-# streamed when it died or hung (at most REPLICA_INTERVAL_S of its confirmations), and what
-# it had sent without reading the answer yet, until it runs again: its journal has both.
-# ---------------------------------------------------------------------------
-
+# The receiver applies only entries from index held on (a resend never counts twice, a batch past a gap nothing);
+# the sender goes on from held, or sends an empty batch at its log's end to learn it; told by `mine` that the sender
+# lacks part of its log, the receiver sends at once. So after a restart (a log is a file; replay restores a lost
+# last entry) each side learns where the other is. A log shorter than its replica (files lost) is taken again from
+# 0, one whose base is past the replica's end from base. A purge starts a new epoch; older batches are ignored.
 REPLICA_PATH = b"/internal/replica"
-REPLICA_ENTRY_BYTES = 24  # three int64
 
 
 class PeerStream:
-    """This instance's log as sent to one peer: how much of it the peer holds; and the ids
-    accepted here that the peer has not been told yet."""
+    """This instance's log as sent to one peer: how much it holds (`held`, of `epoch`; None: unknown), `ids` untold."""
     __slots__ = ("peer", "epoch", "held", "name", "answered", "ignored_by", "ids", "sent_at", "wake", "idle")
 
     def __init__(self, peer, heartbeat_s):
-        self.peer = peer
-        self.ids = bytearray()  # 36-byte correlationIds, oldest first
-        self.epoch = 0
-        self.held = None  # entries of our log (of self.epoch) the peer holds; None: not known
+        self.peer, self.epoch, self.held, self.ids = peer, 0, None, bytearray()  # ids: 36 bytes each, oldest first
         self.name = None  # the peer's INSTANCE_ID, from its answers
         self.answered = None  # whether the last exchange got an answer; None before the first
         self.ignored_by = None  # the newer epoch the peer is at, once logged
@@ -1761,49 +1434,42 @@ class PeerStream:
 
 
 class Replication:
-    """Streams the own ledger's log to the peers and keeps their logs as replicas."""
+    """Streams the own ledger's log to the peers (PeerStream each) and keeps theirs as replicas."""
 
     def __init__(self, config, ledger, peers, recent=None, journal=None):
-        self.config, self.origin = config, config.instance_id.encode()
-        self.ledger = ledger
+        self.config, self.origin, self.ledger = config, config.instance_id.encode(), ledger
         self.recent = recent  # the pipeline's RecentIds: ids accepted here or by a peer
         self.journal = journal  # where ids learnt from peers are kept across a restart
-        self.replicas = {}  # origin (a peer's INSTANCE_ID, bytes) -> Ledger, in files beside the journal
         directory, prefix = os.path.split(os.path.abspath(config.journal_path))
-        for name in sorted(os.listdir(directory)):  # those kept before a restart
-            if name.startswith(prefix + ".replica-") and name.endswith(".log"):
-                origin = name[len(prefix) + 9:-4].encode()
-                self.replicas[origin] = Ledger(self.replica_path(origin), config.journal_fsync)
+        kept = [name[len(prefix) + 9:-4].encode() for name in sorted(os.listdir(directory))  # peers' INSTANCE_IDs
+                if name.startswith(prefix + ".replica-") and name.endswith(".log")]  # from before a restart
+        self.replicas = {origin: Ledger(self.replica_path(origin), config.journal_fsync) for origin in kept}
         self.complete = set()  # origins whose whole log we have held since we started
         self.streams = [PeerStream(peer, config.replica_heartbeat_s) for peer in peers]
-        self.batch = max(1, min(config.replica_batch, (config.max_body_bytes - 256) // REPLICA_ENTRY_BYTES))
-        self.started = time.monotonic()
-        self.is_ready = not peers
-        self.tasks = []
+        self.batch = max(1, min(config.replica_batch, (config.max_body_bytes - 256) // LOG_ENTRY.size))
+        self.started, self.is_ready, self.tasks = time.monotonic(), not peers, []
 
     def replica_path(self, origin):
         return f"{self.config.journal_path}.replica-{origin.decode()}"
 
-    # -- sending -----------------------------------------------------------
     def start(self):
         self.tasks = [asyncio.ensure_future(self.stream(stream)) for stream in self.streams]
 
     async def stream(self, stream):
-        """Send the peer what it lacks and the ids accepted here (an empty batch tells us
-        where it is): every REPLICA_INTERVAL_S while there is something to send, at once
-        again while more than a batch is left; idle, a heartbeat every REPLICA_HEARTBEAT_S
-        (a peer restarted without its replica may not have written to us yet). Each wakeup
-        of an idle instance costs a fraction of a millisecond of CPU here: idle, it sleeps long."""
-        loop = asyncio.get_running_loop()
+        """Send the peer what it lacks and the ids accepted here; at once again while more than a batch is left.
+        Idle, a heartbeat only (a restarted peer may not have written to us yet): a wakeup costs CPU."""
+        loop, config = asyncio.get_running_loop(), self.config
         while True:
             busy = bool(stream.ids) or self.lacks(stream)
+            due = busy or time.monotonic() - stream.sent_at >= config.replica_heartbeat_s
             try:
-                if (busy or time.monotonic() - stream.sent_at >= self.config.replica_heartbeat_s) and await self.exchange(stream):
+                if due and await self.exchange(stream):
                     continue
             except Exception as error:  # a bug must not end replication for good
                 log(f"replication to {stream.peer.name} failed unexpectedly: {error!r}")
             stream.wake, stream.idle = loop.create_future(), not busy
-            timer = loop.call_later(self.config.replica_interval_s if busy else self.config.replica_heartbeat_s, self.nudge, stream)
+            sleep = config.replica_interval_s if busy else config.replica_heartbeat_s
+            timer = loop.call_later(sleep, self.nudge, stream)
             await stream.wake
             timer.cancel()
 
@@ -1812,31 +1478,25 @@ class Replication:
             stream.wake.set_result(None)
 
     def nudge_idle(self):
-        """Each tick: a stream in its long idle sleep that has something new to send sends
-        it now, so a confirmation waits TICK_S at most after an idle spell, not a heartbeat."""
+        """Each tick: an idle stream with something new sends it now (it waits TICK_S, not a heartbeat)."""
         for stream in self.streams:
             if stream.idle and (stream.ids or self.lacks(stream)):
                 self.nudge(stream)
 
     def lacks(self, stream):
-        """Whether the peer may lack entries of our log, as far as we know."""
-        ledger = self.ledger
-        return stream.held is None or stream.epoch != ledger.epoch or stream.held < ledger.count()
+        return stream.held is None or stream.epoch != self.ledger.epoch or stream.held < self.ledger.count()
 
     async def exchange(self, stream):
-        """One batch to the peer; True if the peer answered and there is more to send at
-        once: ids that did not fit, or entries it still lacks after moving on."""
-        stream.sent_at = time.monotonic()
-        ledger = self.ledger
+        """One batch to the peer; True if it answered and more should go at once (ids left, or entries it lacks)."""
+        ledger, stream.sent_at = self.ledger, time.monotonic()
         epoch, total = ledger.epoch, ledger.count()
         known = stream.held is not None and stream.epoch == epoch
         offset = max(ledger.base, min(stream.held, total) if known else total)  # unknown: ask where it is
         ids = stream.ids
-        if len(ids) > 36 * self.config.remembered_ids:  # a peer away for long: only the latest matter
-            del ids[:len(ids) - 36 * self.config.remembered_ids]
+        del ids[:max(0, len(ids) - 36 * self.config.remembered_ids)]  # a peer away for long: only the latest matter
         sent_ids = min(len(ids), (self.config.max_body_bytes - 256) // 2 // 36 * 36)  # ids: half the room
         ids_left = len(ids) > sent_ids  # more than fit: the next batch goes at once
-        end = min(total, offset + min(self.batch, (self.config.max_body_bytes - 256 - sent_ids) // REPLICA_ENTRY_BYTES))
+        end = min(total, offset + min(self.batch, (self.config.max_body_bytes - 256 - sent_ids) // LOG_ENTRY.size))
         replica = self.replicas.get(stream.name)
         mine = replica.count() if replica is not None and replica.epoch == epoch else -1
         body = b"%s %d %d %d %d %d %d %d %d %d\n%s%s" % (
@@ -1869,8 +1529,7 @@ class Replication:
         return ids_left or (moved and held < ledger.count())
 
     async def stop(self):
-        """Stop streaming, then send each answering peer what it still lacks (bounded by
-        PEER_TIMEOUT_S), so a graceful stop leaves nothing unstreamed."""
+        """Stop streaming, then send each answering peer what it lacks (within PEER_TIMEOUT_S): nothing unstreamed."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -1878,14 +1537,12 @@ class Replication:
         async def flush(stream):
             while await self.exchange(stream):
                 pass
-        flushes = [asyncio.ensure_future(flush(stream)) for stream in self.streams]
-        if flushes:
-            await asyncio.wait(flushes, timeout=self.config.peer_timeout_s)
-            for task in flushes:
-                task.cancel()
-            await asyncio.gather(*flushes, return_exceptions=True)
+        flushes = asyncio.gather(*(flush(stream) for stream in self.streams), return_exceptions=True)
+        try:
+            await asyncio.wait_for(flushes, self.config.peer_timeout_s)  # cancels them when it times out
+        except asyncio.TimeoutError:
+            pass
 
-    # -- receiving ---------------------------------------------------------
     def receive(self, body):
         """Apply one batch from a peer; the answer's body. InvalidRequest if malformed."""
         head, newline, payload = body.partition(b"\n")
@@ -1896,13 +1553,12 @@ class Replication:
             raise InvalidRequest("expected 'origin epoch offset total mine safe safe base kept_from ids' "
                                  "and a newline") from None
         at = len(payload) - 36 * count
-        if not newline or count < 0 or at < 0 or at % REPLICA_ENTRY_BYTES:
+        if not newline or count < 0 or at < 0 or at % LOG_ENTRY.size:
             raise InvalidRequest("entries must be whole int64 triples, then the ids")
         ids = [payload[i:i + 36] for i in range(at, len(payload), 36)]
         if not all(UUID_BYTES.fullmatch(cid) for cid in ids):
             raise InvalidRequest("ids must be 36-byte correlationIds")
-        entries = array.array("q")
-        entries.frombytes(payload[:at])
+        entries = array.array("q", payload[:at])
         if origin == self.origin or not re.fullmatch(rb"[\w.-]{1,64}", origin):
             raise InvalidRequest("a peer's INSTANCE_ID must be its own: letters, digits, '_', '.', '-'")
         if offset < 0 or offset + len(entries) // 3 > total or not all(p in (0, 1) for p in entries[::3]):
@@ -1910,10 +1566,7 @@ class Replication:
         if ids:  # accepted by the peer: a client's retry that reaches us is not forwarded again
             for cid in ids:
                 self.recent.add(cid)
-            try:
-                self.journal.append(b"".join(record(b"I", cid) for cid in ids))
-            except OSError as error:  # remembered until a restart, then not: best effort
-                log(f"journal write failed: {error}")
+            self.journal.append_quietly(b"".join(record(b"I", cid) for cid in ids))  # else remembered until a restart
         replica = self.replicas.get(origin)
         if replica is None:
             replica = self.replicas[origin] = Ledger(self.replica_path(origin), self.config.journal_fsync)
@@ -1926,7 +1579,7 @@ class Replication:
         if epoch == replica.epoch:
             held = replica.count()
             if offset <= held < offset + len(entries) // 3:
-                replica.extend(payload[REPLICA_ENTRY_BYTES * (held - offset):at])
+                replica.extend(payload[LOG_ENTRY.size * (held - offset):at])
             if replica.count() >= total:  # all of it: nothing will come below the origin's safe
                 replica.safe = [safe_default, safe_fallback]
                 self.complete.add(origin)
@@ -1938,17 +1591,14 @@ class Replication:
         return b"%s %d %d" % (self.origin, replica.epoch, replica.count())
 
     def purge(self, epoch):
-        """Empty the own ledger and every replica; epoch starts everywhere."""
-        self.ledger.clear(epoch)
-        for replica in self.replicas.values():
-            replica.clear(epoch)
+        for ledger in (self.ledger, *self.replicas.values()):
+            ledger.clear(epoch)
         for stream in self.streams:
             stream.held = None
             self.nudge(stream)
 
     def ready(self):
-        """Whether this instance holds the whole log of every peer that answers (or has
-        waited REPLICA_READY_MAX_S since it started): then the load balancer may use it."""
+        """Whether this instance holds every answering peer's whole log, or has waited REPLICA_READY_MAX_S."""
         if not self.is_ready:
             self.is_ready = time.monotonic() - self.started >= self.config.replica_ready_max_s or all(
                 stream.answered is False or (stream.answered and stream.name in self.complete)
@@ -1958,30 +1608,22 @@ class Replication:
         return self.is_ready
 
 
-READY = ((response(b"503 Service Unavailable", b"replicas incomplete", b"text/plain"),
-          response(b"503 Service Unavailable", b"replicas incomplete", b"text/plain", close=True)),
-         (response(b"200 OK", b"ready", b"text/plain"), response(b"200 OK", b"ready", b"text/plain", close=True)))
+READY = tuple((response(status, body, b"text/plain"), response(status, body, b"text/plain", close=True))
+              for status, body in ((b"503 Service Unavailable", b"replicas incomplete"), (b"200 OK", b"ready")))
 
 
 def post_replica(connection, request, body, keep):
-    """POST /internal/replica: a batch of a peer's log (see the protocol above)."""
     answer = connection.server.replication.receive(body)
     return connection.answer(response(b"200 OK", answer, b"text/plain", close=not keep), keep)
 
 
 def get_ready(connection, request, body, keep):
-    """GET /internal/ready: the load balancer's check; cheap, 200 or 503."""
     return connection.answer(READY[connection.server.replication.ready()][not keep], keep)
 
 
-# ---------------------------------------------------------------------------
-# Server
-# One HttpConnection per client connection: buffers bytes, parses requests in order,
-# answers each (pipelined ones in order), enforces the limits. Only the summary and the
-# purge, which ask the peers, are asynchronous; reading pauses while they run.
-# ---------------------------------------------------------------------------
-
-
+# ---- Server ---------------------------------------------------------------
+# One HttpConnection per client connection parses requests and answers each in order, within the limits. Only the
+# summary and the purge, which ask the peers, answer asynchronously; reading pauses while they run.
 POST_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -1989,34 +1631,23 @@ class Server:
     """Shared state of the HTTP side: the pipeline, peers, open connections, counters."""
 
     def __init__(self, config, pipeline, peers):
-        self.config, self.origin = config, config.instance_id.encode()
+        self.config, self.origin, self.pipeline, self.peers = config, config.instance_id.encode(), pipeline, peers
         self.max_cents = int(config.max_amount * 100)
-        self.pipeline = pipeline
-        self.peers = peers
         self.replication = Replication(config, pipeline.ledger, peers, pipeline.recent, pipeline.journal)
         pipeline.outboxes = [stream.ids for stream in self.replication.streams]
-        self.connections = set()
-        self.draining = False
-        self.started = time.monotonic()
-        self.gc_pauses = [0, 0.0, 0.0]  # collections, total seconds, longest seconds
-        self.gc_started = 0.0
+        self.connections, self.draining = set(), False
+        self.started = self.last_tick = time.monotonic()
+        self.gc_pauses, self.gc_started = [0, 0.0, 0.0], 0.0  # collections, total seconds, longest seconds
         self.post_seconds = [0] * (len(POST_BUCKETS_S) + 1)  # histogram of POST /payments; last: +Inf
-        self.post_seconds_sum = 0.0
-        self.lag_now = 0.0  # longest event-loop lag seen in the current second
-        self.loop_lag = 0.0  # ... in the last whole second
-        self.ticks = 0
-        self.last_tick = time.monotonic()
-        self.resumed_at = -1e9  # when a tick last found the loop had stood still STALL_S
+        self.post_seconds_sum = self.lag_now = self.loop_lag = 0.0  # lag: longest in this second, in the last
+        self.ticks, self.ticker, self.resumed_at = 0, None, -1e9  # resumed_at: when a tick found the loop had stalled
 
-    def answered_post(self, seconds):
-        self.post_seconds[bisect.bisect_left(POST_BUCKETS_S, seconds)] += 1
-        self.post_seconds_sum += seconds
-
-    def tick(self, late):
-        """Every TICK_S: `late` is how much later than asked this tick ran (the loop's lag).
-        Once a second: close connections that stalled mid-request or idled too long."""
+    def tick(self, due):
+        """Every TICK_S (`due`: when it should have run; how late it ran is the loop's lag); once a second, the rest."""
+        self.last_tick = now = time.monotonic()
+        self.ticker = asyncio.get_running_loop().call_later(self.config.tick_s, self.tick, now + self.config.tick_s)
+        late = max(0.0, now - due)
         self.lag_now = max(self.lag_now, late)
-        self.last_tick = time.monotonic()
         if late > self.config.stall_s:
             self.resumed_at = self.last_tick
         self.replication.nudge_idle()
@@ -2039,25 +1670,18 @@ class Server:
         if phase == "start":
             self.gc_started = time.perf_counter()
         else:
-            pause = time.perf_counter() - self.gc_started
-            self.gc_pauses[0] += 1
-            self.gc_pauses[1] += pause
-            self.gc_pauses[2] = max(self.gc_pauses[2], pause)
+            pause, (count, total, longest) = time.perf_counter() - self.gc_started, self.gc_pauses
+            self.gc_pauses = [count + 1, total + pause, max(longest, pause)]
 
     def sweep(self):
         now = time.monotonic()
         for connection in list(self.connections):
             connection.check_deadline(now)
 
-    # -- endpoints ---------------------------------------------------------
     async def summary(self, low, high):
-        """The whole backend's totals: the own ledger; each peer's own ledger as the peer
-        answers now (GET /internal/summary, within PEER_SUMMARY_TIMEOUT_S + SUMMARY_WAIT_S);
-        for a peer that does not answer in time, this instance's replica of its log (see
-        Replication). So an answer counts every confirmation any answering instance held when
-        it was asked, and never counts less than the answer before it while every instance
-        answers. Each instance first waits for its own attempts that may still store inside
-        the window that the promise covers (Pipeline.landed)."""
+        """The whole backend's totals: the own ledger, and each peer's as it answers now (GET /internal/summary) or
+        else its replica, after waiting for attempts that may store inside the window. So it counts all any answering
+        instance held when asked, never less than the answer before while every instance answers."""
         kept_from = max(ledger.kept_from for ledger in (self.pipeline.ledger, *self.replication.replicas.values()))
         if low < kept_from:
             raise HistoryDropped(f"payments before {iso_ms(kept_from).decode()} are no longer kept "
@@ -2069,15 +1693,19 @@ class Server:
         totals = self.totals(low, high, dict(answer for answer in answers if answer is not None))
         return SUMMARY_BODY % (totals[0], cents_text(totals[1]), totals[2], cents_text(totals[3]))
 
-    async def own_summary(self, low, high):
-        """GET /internal/summary's answer: "origin epoch count cents count cents" of the own ledger."""
+    async def own_summary(self, query):
+        """GET /internal/summary?from=ms&to=ms (asked by a peer): "origin epoch count cents count cents"."""
+        try:
+            values = dict(parse_qsl(query.decode("latin-1")))
+            low, high = int(values["from"]), int(values["to"])
+        except (KeyError, ValueError):
+            raise InvalidRequest("from and to must be integers (ms)") from None
         await self.pipeline.landed(low, high)
         ledger = self.pipeline.ledger
-        return b"%s %d %d %d %d %d" % (self.origin, ledger.epoch, *window_totals(ledger, low, high))
+        return b"%s %d %d %d %d %d" % (self.origin, ledger.epoch, *ledger.totals(low, high))
 
     async def ask_fresh(self, peer, path):
-        """(origin, [default count, cents, fallback count, cents]) of a peer's own ledger now, or
-        None if it does not answer within PEER_SUMMARY_TIMEOUT_S or is at another epoch."""
+        """(origin, totals) of a peer's own ledger now; None if it does not answer in time or is at another epoch."""
         try:
             timeout = self.config.peer_summary_timeout_s + self.config.summary_wait_s  # it may wait for its attempts
             status, body = await asyncio.wait_for(peer.request(b"GET", path, b"", b"", timeout), timeout)
@@ -2089,15 +1717,11 @@ class Server:
             return None
 
     def totals(self, low, high, fresh):
-        """[default count, cents, fallback count, cents]: the own ledger, plus per peer its fresh
-        answer ({origin: totals}) or else the replica of its log."""
-        totals = window_totals(self.pipeline.ledger, low, high)
-        parts = [fresh.pop(origin, None) or window_totals(replica, low, high)
+        """[default count, cents, fallback count, cents]: the own ledger, plus each peer's fresh answer or replica."""
+        parts = [fresh.pop(origin, None) or replica.totals(low, high)
                  for origin, replica in self.replication.replicas.items()]
-        for part in parts + list(fresh.values()):  # fresh.values(): peers with no replica yet
-            for i in range(4):
-                totals[i] += part[i]
-        return totals
+        own = self.pipeline.ledger.totals(low, high)
+        return [sum(column) for column in zip(own, *parts, *fresh.values())]  # fresh.values(): peers with no replica
 
     async def purge(self, request):
         if not self.config.purge_token:
@@ -2106,79 +1730,78 @@ class Server:
             raise Forbidden("wrong or missing X-Rinha-Token")
         epoch = max(now_ms(), self.pipeline.ledger.epoch + 1)  # a new epoch, the same everywhere
         self.purge_local(epoch)
-        await self.ask_peers(b"POST", b"/internal/purge?epoch=%d" % epoch,
-                             b"X-Rinha-Token: %s\r\n" % request.token)
-
-    def purge_local(self, epoch):
-        self.replication.purge(epoch)
-        self.pipeline.recent.reset(self.pipeline.pending_ids())
-        self.pipeline.journal_quietly(record(b"P", epoch))
-        log(f"ledger and replicas purged: epoch {epoch}")
-
-    async def ask_peers(self, method, path, headers):
-        """Every peer's answer body, or PeerUnavailable: never a silent partial answer.
-        Used by the purge; the summary asks with ask_fresh, which has the replicas to fall back on."""
-        if not self.peers:
-            return []
-        calls = [peer.request(method, path, b"", headers, self.config.peer_timeout_s) for peer in self.peers]
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        bodies = []
-        for peer, answer in zip(self.peers, answers):
+        path, headers = b"/internal/purge?epoch=%d" % epoch, b"X-Rinha-Token: %s\r\n" % request.token
+        answers = await asyncio.gather(*(peer.request(b"POST", path, b"", headers, self.config.peer_timeout_s)
+                                         for peer in self.peers), return_exceptions=True)
+        for peer, answer in zip(self.peers, answers):  # every peer, or PeerUnavailable: never a silent part
             if isinstance(answer, BaseException) or answer[0] != 200:
                 detail = answer if isinstance(answer, BaseException) else f"status {answer[0]}"
                 raise PeerUnavailable(f"peer {peer.name} unavailable: {detail}")
-            bodies.append(answer[1])
-        return bodies
+
+    def purge_local(self, epoch):
+        self.replication.purge(epoch)
+        self.pipeline.recent.reset(entry[0] for entry in self.pipeline.backlog.pending().values())
+        self.pipeline.journal.append_quietly(record(b"P", epoch))
+        log(f"ledger and replicas purged: epoch {epoch}")
 
     def health(self):
-        statistics = self.pipeline.statistics()
-        statistics["instance"] = self.config.instance_id
-        statistics["uptime_s"] = round(time.monotonic() - self.started, 1)
-        statistics["connections"] = len(self.connections)
-        statistics["replicas"] = {origin.decode(): replica.count() for origin, replica in self.replication.replicas.items()}
-        statistics["gc"] = {"collections": self.gc_pauses[0],
-                            "total_ms": round(self.gc_pauses[1] * 1000, 3),
-                            "longest_ms": round(self.gc_pauses[2] * 1000, 3)}
-        statistics["loop_lag_ms"] = round(self.loop_lag * 1000, 3)
-        return orjson.dumps(statistics)
+        pipeline, now = self.pipeline, time.monotonic()
+
+        def processor(lane):
+            breaker = lane.breaker
+            count, cents = pipeline.ledger.window(lane.index, -(1 << 62), 1 << 62)
+            return {"confirmed": lane.confirmed, "failed_attempts": lane.failed,
+                    "breaker": breaker.state, "reported_failing": breaker.reported_failing,
+                    "down_for_s": round(breaker.down_for(now), 3), "in_flight": lane.in_flight,
+                    "in_flight_limit": lane.limit, "latency_ms": round(lane.latency * 1000, 3),
+                    "keeps_promise": lane.keeping, "stored_latency_ms": round(lane.promise_latency * 1000, 3),
+                    "ledger_requests": count, "ledger_amount": cents / 100}
+        backlog, in_flight, gc_pauses = pipeline.backlog, pipeline.in_flight(), self.gc_pauses
+        return orjson.dumps({
+            "queue": backlog.unsettled() - in_flight, "in_flight": in_flight, "pinned": backlog.pins(),
+            "accepted": pipeline.accepted, "duplicates": pipeline.duplicates, "rejected": pipeline.rejected,
+            "default": processor(pipeline.lanes[DEFAULT]), "fallback": processor(pipeline.lanes[FALLBACK]),
+            "journal_bytes": pipeline.journal.end, "instance": self.config.instance_id,
+            "uptime_s": round(now - self.started, 1), "connections": len(self.connections),
+            "replicas": {origin.decode(): replica.count() for origin, replica in self.replication.replicas.items()},
+            "gc": {"collections": gc_pauses[0], "total_ms": round(gc_pauses[1] * 1000, 3),
+                   "longest_ms": round(gc_pauses[2] * 1000, 3)},
+            "loop_lag_ms": round(self.loop_lag * 1000, 3)})
 
     def metrics(self):
         """The Prometheus text exposition format (version 0.0.4)."""
-        pipeline, out = self.pipeline, []
+        pipeline, lanes, out = self.pipeline, self.pipeline.lanes, []
 
         def metric(name, kind, text, *samples):  # samples: (labels, value)
             out.append(f"# HELP rinha_{name} {text}\n# TYPE rinha_{name} {kind}\n")
             out.extend(f"rinha_{name}{labels} {value}\n" for labels, value in samples)
-        lanes = [(f'{{processor="{PROCESSOR_NAMES[lane.index]}"}}', lane) for lane in pipeline.lanes]
+
+        def per_lane(attribute):
+            return [(f'{{processor="{name}"}}', getattr(lane, attribute)) for name, lane in zip(PROCESSOR_NAMES, lanes)]
         metric("payments_accepted_total", "counter", "POST /payments answered 202.", ("", pipeline.accepted))
-        metric("payments_confirmed_total", "counter", "Payments a processor confirmed.",
-               *[(labels, lane.confirmed) for labels, lane in lanes])
-        metric("attempts_failed_total", "counter", "Attempts that taught the breaker a failure.",
-               *[(labels, lane.failed) for labels, lane in lanes])
+        metric("payments_confirmed_total", "counter", "Payments a processor confirmed.", *per_lane("confirmed"))
+        metric("attempts_failed_total", "counter", "Attempts that taught the breaker a failure.", *per_lane("failed"))
         metric("payments_not_ours_total", "counter", "Payments settled uncounted.",
                ('{reason="duplicate"}', pipeline.duplicates), ('{reason="rejected"}', pipeline.rejected))
         metric("queue_depth", "gauge", "Accepted payments waiting (pinned ones included).",
                ("", pipeline.backlog.unsettled() - pipeline.in_flight()))
         metric("pinned", "gauge", "Payments pinned to a processor.", ("", pipeline.backlog.pins()))
-        metric("in_flight", "gauge", "Attempts under way.", *[(labels, lane.in_flight) for labels, lane in lanes])
-        metric("in_flight_limit", "gauge", "Attempts allowed at once.", *[(labels, lane.limit) for labels, lane in lanes])
-        metric("processor_latency_seconds", "gauge", "Moving average of answered attempts.",
-               *[(labels, lane.latency) for labels, lane in lanes])
+        metric("in_flight", "gauge", "Attempts under way.", *per_lane("in_flight"))
+        metric("in_flight_limit", "gauge", "Attempts allowed at once.", *per_lane("limit"))
+        metric("processor_latency_seconds", "gauge", "Moving average of answered attempts.", *per_lane("latency"))
         metric("processor_keeps_promise", "gauge", "1 while payments sent there are stored within the margin.",
-               *[(labels, int(lane.keeping)) for labels, lane in lanes])
+               *[(labels, int(keeping)) for labels, keeping in per_lane("keeping")])
         metric("breaker_state", "gauge", "1 for the breaker's current state.",
-               *[(f'{{processor="{PROCESSOR_NAMES[lane.index]}",state="{state}"}}', int(lane.breaker.state is state))
-                 for _, lane in lanes for state in (CLOSED, OPEN, HALF_OPEN)])
-        metric("journal_bytes", "gauge", "Size of the journal file.", ("", pipeline.journal.size()))
+               *[(f'{{processor="{name}",state="{state}"}}', int(lane.breaker.state is state))
+                 for name, lane in zip(PROCESSOR_NAMES, lanes) for state in (CLOSED, OPEN, HALF_OPEN)])
+        metric("journal_bytes", "gauge", "Size of the journal file.", ("", pipeline.journal.end))
         metric("connections", "gauge", "Open client connections.", ("", len(self.connections)))
         metric("event_loop_lag_seconds", "gauge", "Longest event-loop lag in the last second.", ("", self.loop_lag))
-        total, buckets = 0, []
-        for bound, count in zip((*POST_BUCKETS_S, "+Inf"), self.post_seconds):
-            total += count
-            buckets.append((f'_bucket{{le="{bound}"}}', total))
+        counts = list(itertools.accumulate(self.post_seconds))
         metric("post_payments_seconds", "histogram",
                "POST /payments, from the read that completed it to the answer written.",
-               *buckets, ("_sum", self.post_seconds_sum), ("_count", total))
+               *[(f'_bucket{{le="{bound}"}}', count) for bound, count in zip((*POST_BUCKETS_S, "+Inf"), counts)],
+               ("_sum", self.post_seconds_sum), ("_count", counts[-1]))
         metric("gc_collections_total", "counter", "Garbage collections.", ("", self.gc_pauses[0]))
         metric("gc_pause_seconds_total", "counter", "Time spent in garbage collections.", ("", self.gc_pauses[1]))
         metric("gc_pause_seconds_max", "gauge", "Longest garbage collection.", ("", self.gc_pauses[2]))
@@ -2190,21 +1813,18 @@ class HttpConnection(asyncio.Protocol):
                  "busy", "paused_since", "linger", "discarded")
 
     def __init__(self, server):
-        self.server = server
-        self.transport = None
-        self.buffer = bytearray()
+        self.server, self.transport, self.buffer = server, None, bytearray()
         self.head = None  # the parsed head of a request whose body is still arriving
-        self.request_since = 0.0  # when the unfinished request began; 0 when none
+        self.request_since = self.paused_since = 0.0  # when the unfinished request began; when writing paused (0: not)
         self.active_at = time.monotonic()
         self.busy = False  # an asynchronous answer is being prepared
-        self.paused_since = 0.0
         self.linger = None  # once the last answer is written: the timer that ends the close
         self.discarded = 0  # bytes read and dropped since then
 
     def connection_made(self, transport):
         self.transport = transport
         if len(self.server.connections) >= self.server.config.max_connections:
-            return self.close_after(Unavailable("too many connections").response(close=True))
+            return self.refuse(Unavailable("too many connections"))
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -2235,18 +1855,16 @@ class HttpConnection(asyncio.Protocol):
         self.active_at = now = time.monotonic()
         server = self.server
         if now - server.last_tick > server.config.stall_s or now - server.resumed_at < server.config.tick_s:
-            # The loop stood still (SIGSTOP, a stall) and this arrived meanwhile: the load
-            # balancer may have given up on it and sent it to a peer, which took it. Taking
-            # it here too could forward one payment twice: refuse it, it was never ours.
-            # (Read before the first tick after the stall, or within a tick after it.)
-            return self.close_after(RetryLater("this instance stalled; retry").response(close=True))
+            # The loop stood still (SIGSTOP, a stall) and this arrived meanwhile (read before the first tick after,
+            # or within a tick of it): the load balancer may have given up and sent it to a peer, which took it.
+            # Taking it here too could forward one payment twice: refuse it, it was never ours.
+            return self.refuse(RetryLater("this instance stalled; retry"))
         if not self.request_since:
             self.request_since = self.active_at
         if not self.busy:
             self.process()
 
     def process(self):
-        """Answer every complete request in the buffer, in order."""
         buffer, limit = self.buffer, self.server.config.max_header_bytes
         request = None
         try:
@@ -2284,39 +1902,32 @@ class HttpConnection(asyncio.Protocol):
                 raise NotFound("no such path")
             method, handler = route
             if request.method != method:
-                raise MethodNotAllowed(method)
+                raise MethodNotAllowed("method not allowed", extra=b"Allow: %s\r\n" % method)
             return handler(self, request, body, keep)
         except HttpError as error:
             return self.answer(error.response(not keep), keep and not error.closes)
 
-    # -- endpoints: each answers now (True to go on reading) or later ------
     def post_payment(self, request, body, keep):
-        cid, cents = parse_payment(body, self.server.max_cents)
-        self.server.pipeline.accept(cid, cents)
+        server = self.server
+        cid, cents = parse_payment(body, server.max_cents)
+        server.pipeline.accept(cid, cents)
         keep = self.answer(ACCEPTED[not keep], keep)
-        self.server.answered_post(time.monotonic() - self.active_at)
+        seconds = time.monotonic() - self.active_at
+        server.post_seconds[bisect.bisect_left(POST_BUCKETS_S, seconds)] += 1
+        server.post_seconds_sum += seconds
         return keep
 
     def get_summary(self, request, body, keep):
-        low, high = parse_window(request.query)
-        return self.answer_later(self.server.summary(low, high), request, keep)
+        return self.answer_later(self.server.summary(*parse_window(request.query)), request, keep)
 
     def get_own_summary(self, request, body, keep):
-        """GET /internal/summary?from=ms&to=ms, asked by a peer answering a summary: this
-        instance's own confirmations in the window, "origin epoch count cents count cents"."""
-        try:
-            query = dict(parse_qsl(request.query.decode("latin-1")))
-            low, high = int(query["from"]), int(query["to"])
-        except (KeyError, ValueError):
-            raise InvalidRequest("from and to must be integers (ms)") from None
-        return self.answer_later(self.server.own_summary(low, high), request, keep)
+        return self.answer_later(self.server.own_summary(request.query), request, keep)
 
     def post_purge(self, request, body, keep):
         return self.answer_later(self.server.purge(request), request, keep, PURGED)
 
     def post_local_purge(self, request, body, keep):
-        token = self.server.config.purge_token
-        if not token or request.token != token.encode():
+        if not self.server.config.purge_token or request.token != self.server.config.purge_token.encode():
             raise Forbidden("wrong or missing X-Rinha-Token")
         try:
             epoch = int(dict(parse_qsl(request.query.decode("latin-1")))["epoch"])
@@ -2342,8 +1953,7 @@ class HttpConnection(asyncio.Protocol):
     def answer_later(self, work, request, keep, fixed=None):
         self.busy = True
         self.transport.pause_reading()
-        task = asyncio.ensure_future(work)
-        task.add_done_callback(lambda done: self.finish_later(done, request, keep, fixed))
+        asyncio.ensure_future(work).add_done_callback(lambda done: self.finish_later(done, request, keep, fixed))
         return False
 
     def finish_later(self, task, request, keep, fixed):
@@ -2364,23 +1974,21 @@ class HttpConnection(asyncio.Protocol):
             self.process()
 
     def refuse(self, error):
-        """A framing error: answer it and close; nothing of the stream is trusted after it."""
+        """Answer an HttpError and close (a framing error: nothing of the stream is trusted after it)."""
         self.close_after(error.response(close=True))
 
     def fail(self, error, line):
-        """A bug, not the client's fault: log it once with the request's first line and
-        where it was raised, answer 500 and close this connection only."""
+        """A bug: log it with the request's first line and where it was raised, answer 500, close this connection."""
         frame = error.__traceback__
         while frame is not None and frame.tb_next is not None:
             frame = frame.tb_next
         where = f" at line {frame.tb_lineno} in {frame.tb_frame.f_code.co_name}" if frame else ""
         log(f"internal error{where} on {line[:200]!r}: {error!r}")
-        self.close_after(response(b"500 Internal Server Error", error_body("internal error"), close=True))
+        self.refuse(InternalError("internal error"))
 
     def close_after(self, data):
-        """Write the last answer, then a lingering close: shut our sending side and drop
-        what the client still sends (up to LINGER_BYTES, for LINGER_S) before closing, as
-        closing on unread bytes would reset the connection and lose the answer."""
+        """Write the last answer, then a lingering close: shut our sending side and drop what the client still sends
+        (LINGER_BYTES, LINGER_S) first, as closing on unread bytes would reset the connection and lose the answer."""
         transport = self.transport
         if self.linger is not None or transport.is_closing():
             return
@@ -2419,17 +2027,11 @@ ROUTES = {  # path -> (the one method it answers, handler)
 }
 
 
-# ---------------------------------------------------------------------------
-# Main
-# Replays the journal, starts listeners, workers and pollers, then waits for SIGTERM:
-# stop accepting, finish requests, drain the queue for SHUTDOWN_GRACE_S, exit. Whatever
-# is still queued then stays in the journal for the next start.
-# ---------------------------------------------------------------------------
-
-
+# ---- Main -----------------------------------------------------------------
+# Replays the journal, starts listeners, workers and pollers, then waits for SIGTERM: stop accepting, finish
+# requests, drain the queue for SHUTDOWN_GRACE_S, exit. What is still queued stays in the journal for the next start.
 async def serve(config, stop=None, started=None):
-    """Run one instance until SIGTERM or SIGINT; in-process (the tests), until the future
-    `stop` is done, calling started(server) once it listens."""
+    """Run one instance until SIGTERM/SIGINT, or (the tests) until `stop` is done; started(server) once listening."""
     LOG.name = config.instance_id
     loop = asyncio.get_running_loop()
     ledger = Ledger(config.journal_path + ".ledger", config.journal_fsync)
@@ -2439,7 +2041,7 @@ async def serve(config, stop=None, started=None):
     pipeline = Pipeline(config, journal, ledger, pending, next_seq, recent)
     if pending:
         log(f"journal replayed: {len(pending)} payments requeued")
-    peers = [Upstream(address, address, config.peer_timeout_s) for address in config.peers.split(",") if address.strip()]
+    peers = [Upstream(url, url, config.peer_timeout_s) for url in config.peers.split(",") if url.strip()]
     server = Server(config, pipeline, peers)
 
     listeners = []
@@ -2459,23 +2061,18 @@ async def serve(config, stop=None, started=None):
     if config.health_interval_s > 0:
         tasks += [asyncio.ensure_future(pipeline.poll_health(lane)) for lane in pipeline.lanes]
     pipeline.pump()
-    def tick(due):
-        nonlocal ticker
-        now = time.monotonic()
-        server.tick(max(0.0, now - due))
-        ticker = loop.call_later(config.tick_s, tick, now + config.tick_s)
-    ticker = loop.call_later(config.tick_s, tick, time.monotonic() + config.tick_s)
+    server.ticker = loop.call_later(config.tick_s, server.tick, time.monotonic() + config.tick_s)
 
     if stop is None:
         stop = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
 
-    # Everything allocated so far lives for the whole run: keep it out of every collection.
     gc.collect()
-    gc.freeze()
+    gc.freeze()  # everything allocated so far lives for the whole run: keep it out of every collection
     gc.callbacks.append(server.on_gc)
-    log(f"listening on {config.listen}; peers: {config.peers or 'none'}; {pipeline.backlog.unsettled()} payments requeued")
+    log(f"listening on {config.listen}; peers: {config.peers or 'none'}; "
+        f"{pipeline.backlog.unsettled()} payments requeued")
     if started is not None:
         started(server)
     await stop
@@ -2490,7 +2087,7 @@ async def serve(config, stop=None, started=None):
         await asyncio.sleep(0.05)
     await server.replication.stop()
     pipeline.running = False
-    ticker.cancel()
+    server.ticker.cancel()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
