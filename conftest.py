@@ -1,16 +1,16 @@
 """Fixtures shared by test_rinha.py and bench/: the processor emulators, rinha.py instances (one,
 a peered pair, or any number with their own settings), each stopped at teardown whatever the
-test did. The harness they are built on is harness.py.
+test did. An instance runs in-process (rinha.serve on its own event loop in a thread of the
+test process) unless the test asks for a process (process=True): to kill, hang or signal it,
+or to patch it with `code`. The harness they are built on is harness.py.
 
 The `slow` marker: every test that starts a process (rinha.py, the emulator, haproxy, nginx, k6,
 Docker) has it, given here at collection: by the fixtures it uses, or by name for the bench/
 tests that start their processes themselves. `make test-fast` runs the others alone
 (`pytest -m "not slow"`); `make test` runs everything."""
-import signal
-
 import pytest
 
-from harness import Instance, Processor, free_port
+from harness import InProcessInstance, Instance, Processor, free_port
 
 # Fixtures that start processes: here, in test_rinha.py and in bench/test_*.py.
 PROCESS_FIXTURES = {
@@ -78,21 +78,34 @@ def fresh(processors):
     return processors
 
 
+def stop_all(instances):
+    """Stop every instance (resumed first, in case a test left it paused or hung), even when
+    stopping one fails; then raise the first failure."""
+    failures = []
+    for instance in instances:
+        try:
+            instance.resume()
+            instance.stop()
+        except Exception as error:  # the others are stopped all the same
+            failures.append(error)
+    if failures:
+        raise failures[0]
+
+
 @pytest.fixture
 def make_instance(tmp_path, make_processor):
-    """make_instance(name="api1", default=None, fallback=None, port=None, code=None,
-    journal_dir=tmp_path, **env): an Instance (see harness.py); every one started (and
-    restarted) is stopped at teardown, before any emulator make_processor started."""
+    """make_instance(name="api1", default=None, fallback=None, port=None, process=False,
+    code=None, journal_dir=tmp_path, **env): an InProcessInstance, or with `process` (or
+    `code`) an Instance, a child process (see harness.py); every one started (and restarted)
+    is stopped at teardown, before any emulator make_processor started."""
     started = []
 
-    def make(*args, journal_dir=None, **kwargs):
-        started.append(Instance(journal_dir or tmp_path, *args, **kwargs))
+    def make(*args, journal_dir=None, process=False, **kwargs):
+        kind = Instance if process or kwargs.get("code") else InProcessInstance
+        started.append(kind(journal_dir or tmp_path, *args, **kwargs))
         return started[-1]
     yield make
-    for instance in started:
-        if instance.process.popen.poll() is None:
-            instance.process.popen.send_signal(signal.SIGCONT)  # in case a test left it hung
-        instance.process.stop()
+    stop_all(started)
 
 
 @pytest.fixture
@@ -103,22 +116,23 @@ def instance(fresh, make_instance):
 
 @pytest.fixture
 def make_peers(tmp_path, make_instance):
-    """make_peers(default, fallback, count=2, sockets=False, **env): `count` instances api1,
-    api2, ... on free ports, each with all the others as PEERS; with `sockets`, each listens on
-    tmp_path/apiN.sock too (where haproxy.cfg looks for them)."""
-    def make(default, fallback, count=2, sockets=False, **env):
+    """make_peers(default, fallback, count=2, sockets=False, process=False, **env): `count`
+    instances api1, api2, ... on free ports, each with all the others as PEERS; with
+    `sockets`, each listens on tmp_path/apiN.sock too (where haproxy.cfg looks for them);
+    with `process`, each is a child process."""
+    def make(default, fallback, count=2, sockets=False, process=False, **env):
         ports = [free_port() for _ in range(count)]
         instances = []
         for i, port in enumerate(ports):
             peers = ",".join(f"http://127.0.0.1:{p}" for p in ports if p != port)
             listen = {"LISTEN": f"127.0.0.1:{port},unix:{tmp_path}/api{i + 1}.sock"} if sockets else {}
-            instances.append(make_instance(f"api{i + 1}", default, fallback, port=port, PEERS=peers,
-                                           **listen, **env))
+            instances.append(make_instance(f"api{i + 1}", default, fallback, port=port, process=process,
+                                           PEERS=peers, **listen, **env))
         return instances
     return make
 
 
 @pytest.fixture
 def pair(fresh, make_peers):
-    """Two instances, each the other's peer, in front of the fresh shared emulators."""
+    """Two in-process instances, each the other's peer, in front of the fresh shared emulators."""
     return make_peers(*fresh)

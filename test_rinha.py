@@ -1,6 +1,8 @@
 """Tests of rinha.py, in the order of its sections. Everything that can run here runs for
-real: rinha.py as a process on real sockets, against the processor emulator
-(bench/processor.py). Only connection resets and 429s on demand come from a scripted fake."""
+real: rinha.py on real sockets, against the processor emulator (bench/processor.py). Only
+connection resets and 429s on demand come from a scripted fake. An instance runs in-process
+(rinha.serve on its own event loop in a thread of the test process, see harness.py) unless the
+test kills, hangs or signals it: then it is a process of its own (process=True)."""
 import array
 import asyncio
 import decimal
@@ -24,8 +26,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import rinha
-from harness import (ROOT, Instance, assert_ledger_matches, call, drained, free_port, pay_many, raw, send_payments,
-                     wait_until)
+from harness import (ROOT, InProcessInstance, assert_ledger_matches, call, drained, free_port, pay_many, raw,
+                     send_payments, wait_until)
 
 CONFIG = rinha.Config()  # the defaults; a test that needs another setting builds its own
 MAX_CENTS = int(CONFIG.max_amount * 100)
@@ -34,7 +36,7 @@ MAX_CENTS = int(CONFIG.max_amount * 100)
 
 # ---------------------------------------------------------------------------
 # Harness: haproxy and the HTTP tests' instance (the rest is in harness.py, the fixtures that
-# start and stop processes in conftest.py)
+# start and stop instances and processes in conftest.py)
 # ---------------------------------------------------------------------------
 
 class Balancer:
@@ -78,10 +80,10 @@ def make_balancer():
 @pytest.fixture(scope="module")
 def front(processors, tmp_path_factory):
     """One instance for the HTTP-front tests, with short read and idle timeouts."""
-    instance = Instance(tmp_path_factory.mktemp("front"), "front", *processors,
-                        READ_TIMEOUT_S=1, IDLE_TIMEOUT_S=3)
+    instance = InProcessInstance(tmp_path_factory.mktemp("front"), "front", *processors,
+                                 READ_TIMEOUT_S=1, IDLE_TIMEOUT_S=3)
     yield instance
-    instance.process.stop()
+    instance.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -432,7 +434,7 @@ def test_a_bad_amount_between_two_good_payments_is_400_and_both_are_accepted(fro
     answer = raw(front.port, data + post(good[1], b"Connection: close\r\n"), wait=3)
     assert statuses(answer) == [b"202"] + [b"400"] * len(bad) + [b"202"]
     assert wait_until(lambda: all(any(p.stored(cid) for p in processors) for cid in good))
-    assert "Fatal error" not in front.process.output()
+    assert "Fatal error" not in front.output()
 
 
 def test_an_exact_amount_with_more_decimals_is_accepted_rounded_half_to_even(front, processors):
@@ -448,16 +450,16 @@ def balanced(processors, tmp_path_factory):
     """An instance listening on a port and on both of haproxy.cfg's unix sockets, behind haproxy."""
     tmp = tmp_path_factory.mktemp("lb")
     port = free_port()
-    instance = Instance(tmp, "balanced", *processors, port=port,
-                        LISTEN=f"127.0.0.1:{port},unix:{tmp}/api1.sock,unix:{tmp}/api2.sock")
+    instance = InProcessInstance(tmp, "balanced", *processors, port=port,
+                                 LISTEN=f"127.0.0.1:{port},unix:{tmp}/api1.sock,unix:{tmp}/api2.sock")
     try:
         balancer = Balancer(tmp)
     except BaseException:
-        instance.process.stop()
+        instance.stop()
         raise
     yield instance, balancer
     balancer.stop()
-    instance.process.stop()
+    instance.stop()
 
 
 @pytest.mark.parametrize("via", ["direct", "haproxy"])
@@ -487,29 +489,38 @@ def test_a_lingering_close_is_bounded_in_bytes_and_in_time(processors, make_inst
                 time.sleep(0 if limit == "bytes" else 0.1)
 
 
-# Faults injected into the head parser, a sync handler and an async one, as any bug there would be.
-FAULTY = """
-import rinha
-parse_head, parse_payment, totals = rinha.parse_head, rinha.parse_payment, rinha.Server.totals
-def faulty_parse_head(head, limit):
-    if head.startswith(b"GET /boom"):
-        raise RuntimeError("injected fault")
-    return parse_head(head, limit)
-def faulty_parse_payment(body, limit):
-    if b"boom" in body:
-        raise RuntimeError("injected fault")
-    return parse_payment(body, limit)
-def faulty_totals(server, low, high, fresh):
-    if low == 0:
-        raise RuntimeError("injected fault")
-    return totals(server, low, high, fresh)
-rinha.parse_head, rinha.parse_payment, rinha.Server.totals = faulty_parse_head, faulty_parse_payment, faulty_totals
-rinha.main()
-"""
+def inject_faults(monkeypatch, name):
+    """Faults injected into the head parser, a sync handler and an async one, as any bug there
+    would be; only in the instance `name` (its thread's rinha.LOG.name), undone at teardown."""
+    parse_head, parse_payment, totals = rinha.parse_head, rinha.parse_payment, rinha.Server.totals
+
+    def here():
+        return getattr(rinha.LOG, "name", None) == name
+
+    def faulty_parse_head(head, limit):
+        if here() and head.startswith(b"GET /boom"):
+            raise RuntimeError("injected fault")
+        return parse_head(head, limit)
+
+    def faulty_parse_payment(body, limit):
+        if here() and b"boom" in body:
+            raise RuntimeError("injected fault")
+        return parse_payment(body, limit)
+
+    def faulty_totals(server, low, high, fresh):
+        if here() and low == 0:
+            raise RuntimeError("injected fault")
+        return totals(server, low, high, fresh)
+    monkeypatch.setattr(rinha, "parse_head", faulty_parse_head)
+    monkeypatch.setattr(rinha, "parse_payment", faulty_parse_payment)
+    monkeypatch.setattr(rinha.Server, "totals", faulty_totals)
 
 
-def test_an_unexpected_error_is_a_500_logged_once_and_closes_only_its_connection(processors, make_instance):
-    instance = make_instance("faulty", *processors, code=FAULTY)
+# monkeypatch first: its teardown (undoing the faults) comes after make_instance's (the stop).
+def test_an_unexpected_error_is_a_500_logged_once_and_closes_only_its_connection(monkeypatch, processors,
+                                                                                 make_instance):
+    inject_faults(monkeypatch, "faulty")
+    instance = make_instance("faulty", *processors)
     with socket.create_connection(("127.0.0.1", instance.port), timeout=5) as bystander:
         bystander.sendall(b"GET /health HTTP/1.1\r\n\r\n")
         assert bystander.recv(65536).startswith(b"HTTP/1.1 200")
@@ -522,10 +533,8 @@ def test_an_unexpected_error_is_a_500_logged_once_and_closes_only_its_connection
             assert statuses(answer) == [b"202", b"500"]
         bystander.sendall(b"GET /health HTTP/1.1\r\n\r\n")  # the other connection still works
         assert bystander.recv(65536).startswith(b"HTTP/1.1 200")
-    def errors():  # its log is read by another thread: the last lines may still be on their way
-        return [line for line in instance.process.output().splitlines() if "internal error" in line]
-    assert wait_until(lambda: len(errors()) >= 3, timeout=5), instance.process.output()
-    log, errors = instance.process.output(), errors()
+    log = instance.output()
+    errors = [line for line in log.splitlines() if "internal error" in line]
     assert len(errors) == 3 and "Fatal error" not in log, log
     assert "POST /payments HTTP/1.1" in errors[0] and "injected fault" in errors[0]
     assert "GET /payments-summary?from=1970-01-01T00:00:00Z HTTP/1.1" in errors[1]
@@ -760,12 +769,13 @@ def test_the_journal_is_compacted_while_running_and_a_kill_during_it_loses_and_d
     # Issue 9: the journal grew by ~120 bytes a payment and was compacted only at start.
     default, fallback = fresh
     default.configure(delay=20)
-    instance = make_instance("api1", default, fallback, JOURNAL_COMPACT_BYTES=20000, JOURNAL_COMPACT_SLICE=50)
+    instance = make_instance("api1", default, fallback, process=True,  # killed
+                             JOURNAL_COMPACT_BYTES=20000, JOURNAL_COMPACT_SLICE=50)
     outcome = []
     sender = threading.Thread(target=lambda: outcome.extend(send_payments(instance, 6000, threads=2)))
     sender.start()
-    assert wait_until(lambda: "compacted while running" in instance.process.output(), timeout=30)
-    instance.process.stop(signal.SIGKILL)  # payments still arriving, maybe another compaction under way
+    assert wait_until(lambda: "compacted while running" in instance.output(), timeout=30)
+    instance.stop(signal.SIGKILL)  # payments still arriving, maybe another compaction under way
     sender.join()
     accepted, failed = outcome  # what the kill cut short failed on the connection, the rest got a 202
     assert failed and len(accepted) + len(failed) == 6000
@@ -780,10 +790,10 @@ def test_the_journal_is_compacted_while_running_and_a_kill_during_it_loses_and_d
     assert len(accepted) <= mine["default"]["totalRequests"] <= len(accepted) + 2 and accepted
     assert len(pay_many(instance, 4000)) == 4000  # ~120 bytes of records each
     assert wait_until(lambda: drained(instance))
-    assert wait_until(lambda: "compacted while running" in instance.process.output())
+    assert wait_until(lambda: "compacted while running" in instance.output())
     assert_ledger_matches(instance, default, fallback)
     before, after = map(int, re.findall(r"compacted while running: (\d+) -> (\d+) bytes",
-                                        instance.process.output())[-1])
+                                        instance.output())[-1])
     # ~63 bytes a payment kept. How much it shrinks depends on how many payments were still
     # under way when it ran (their A and S records stay): a share of `before` is no bound.
     assert after < 70 * (len(accepted) + 4000) and after < before
@@ -825,9 +835,8 @@ def test_a_full_disk_refuses_new_payments_forwards_accepted_ones_and_recovers_by
                              BREAKER_RETRY_S=0.05)
     accepted = pay_many(instance, 50, threads=2)
     assert len(accepted) == 50
-    instance.process.popen.send_signal(signal.SIGSTOP)  # the filler must not take the reserve
-    filler = fill(small_disk)
-    instance.process.popen.send_signal(signal.SIGCONT)
+    with instance.paused():  # the filler must not take the reserve
+        filler = fill(small_disk)
     for _ in range(500):  # the journal's last page still has room for a few records
         status, cid = instance.pay()
         if status != 202:
@@ -841,8 +850,8 @@ def test_a_full_disk_refuses_new_payments_forwards_accepted_ones_and_recovers_by
     assert_ledger_matches(instance, default, fallback)
     filler.unlink()
     assert wait_until(lambda: instance.pay()[0] == 202, timeout=5)
-    assert "unreadable" not in instance.process.output()
-    instance.process.stop()
+    assert "unreadable" not in instance.output()
+    assert instance.stop() == 0
     instance.start()  # and everything it journaled replays whole
     assert instance.health()["queue"] == 0
     assert_ledger_matches(instance, default, fallback)
@@ -850,7 +859,7 @@ def test_a_full_disk_refuses_new_payments_forwards_accepted_ones_and_recovers_by
 
 def test_confirmed_history_moves_to_the_ledgers_files_and_a_restart_reads_it_back(fresh, make_instance):
     default, fallback = fresh
-    instance = make_instance("api1", default, fallback)
+    instance = make_instance("api1", default, fallback, process=True)  # killed below
     accepted = pay_many(instance, 200, threads=4)
     assert wait_until(lambda: drained(instance))
     frozen = Path(instance.journal + ".ledger.0")
@@ -1262,9 +1271,9 @@ def test_two_instances_polling_health_never_draw_a_429_and_see_failure_and_recov
     assert wait_until(lambda: not any(i.health()["default"]["reported_failing"] for i in instances), timeout=5)
     time.sleep(2)  # lets four windows pass: no 429 may come in them
     for instance in instances:
-        instance.process.stop()
-        assert "status 429" not in instance.process.output()
-        assert "health of" not in instance.process.output()
+        instance.stop()
+        assert "status 429" not in instance.output()
+        assert "health of" not in instance.output()
 
 
 # ---------------------------------------------------------------------------
@@ -1638,22 +1647,25 @@ def test_a_pin_settles_from_its_latest_attempt_and_a_found_payment_is_confirmed(
     assert instance.summary()["fallback"]["totalRequests"] == 0
 
 
-def test_an_unexpected_exception_in_an_attempt_strands_no_payment(fresh, make_instance):
+def test_an_unexpected_exception_in_an_attempt_strands_no_payment(monkeypatch, fresh, make_instance):
     # Issue 8: an exception other than OSError/RuntimeError/ValueError ended a worker for
     # good, with the payment it held. Injected: the first request body cannot be built.
+    # (monkeypatch first: its teardown, undoing the fault, comes after the instance's stop.)
     default, fallback = fresh
-    instance = make_instance("api1", default, fallback, IN_FLIGHT_CAP=1,
-                   code="import rinha\n"
-                        "real, calls = rinha.cents_text, []\n"
-                        "def flaky(cents):\n"
-                        "    calls.append(cents)\n"
-                        "    if len(calls) == 1:\n"
-                        "        raise TypeError('injected')\n"
-                        "    return real(cents)\n"
-                        "rinha.cents_text = flaky\n"
-                        "rinha.main()\n")
+    real, calls = rinha.cents_text, []
+
+    def flaky(cents):
+        if getattr(rinha.LOG, "name", None) != "api1":  # only in this test's instance
+            return real(cents)
+        calls.append(cents)
+        if len(calls) == 1:
+            raise TypeError("injected")
+        return real(cents)
+    monkeypatch.setattr(rinha, "cents_text", flaky)
+    instance = make_instance("api1", default, fallback, IN_FLIGHT_CAP=1)
     accepted = [instance.pay()[1] for _ in range(5)]
     assert wait_until(lambda: drained(instance), timeout=10), instance.health()
+    assert "failed unexpectedly: TypeError('injected')" in instance.output()  # the fault was met
     assert all(default.stored(cid) for cid in accepted)
     assert_ledger_matches(instance, default, fallback)
 
@@ -1661,12 +1673,12 @@ def test_an_unexpected_exception_in_an_attempt_strands_no_payment(fresh, make_in
 def test_sigkill_under_load_then_restart_loses_and_duplicates_nothing(fresh, make_instance):
     default, fallback = fresh
     default.configure(delay=40)
-    instance = make_instance("api1", default, fallback)
+    instance = make_instance("api1", default, fallback, process=True)  # killed
     outcome = []
     sender = threading.Thread(target=lambda: outcome.extend(send_payments(instance, 3000)))
     sender.start()
     assert wait_until(lambda: instance.health()["accepted"] >= 200)  # under load
-    instance.process.stop(signal.SIGKILL)
+    instance.stop(signal.SIGKILL)
     sender.join()
     accepted, failed = outcome
     assert 0 < len(accepted) < 3000 and len(accepted) + len(failed) == 3000
@@ -1683,7 +1695,7 @@ def test_a_journaled_backlog_larger_than_the_queue_capacity_is_restored_whole(fr
     default.configure(failure=True)
     instance = make_instance("api1", default, fallback, SHUTDOWN_GRACE_S=0)
     accepted = pay_many(instance, 60)
-    assert instance.process.stop() == 0
+    assert instance.stop() == 0
     default.configure(failure=False)
     instance.env["QUEUE_CAPACITY"] = "25"  # restarted with a smaller queue than its backlog
     instance.start()
@@ -1699,18 +1711,19 @@ def test_sigterm_drains_what_it_can_and_journals_the_rest_for_the_next_start(fre
     default, fallback = fresh
     default.configure(delay=300)
     fallback.configure(failure=True)
-    instance = make_instance("api1", default, fallback, SHUTDOWN_GRACE_S=1, IN_FLIGHT_CAP=4)
+    instance = make_instance("api1", default, fallback, process=True,  # SIGTERM
+                             SHUTDOWN_GRACE_S=1, IN_FLIGHT_CAP=4)
     accepted = pay_many(instance, 40)
     before = default.summary()["totalRequests"]
-    assert instance.process.stop() == 0  # by itself, at the end of the grace (20 s, then a SIGKILL)
-    left = int(re.search(r"(\d+) payments left in the journal", instance.process.output()).group(1))
+    assert instance.stop() == 0  # by itself, at the end of the grace (20 s, then a SIGKILL)
+    left = int(re.search(r"(\d+) payments left in the journal", instance.output()).group(1))
     drained_in_grace = default.summary()["totalRequests"]
     assert drained_in_grace > before and 0 < left < 40, (before, drained_in_grace, left)
     assert drained_in_grace >= 40 - left  # what is not left was confirmed (the rest may still land)
     default.configure(delay=0)
     fallback.configure(failure=False)
     instance.start()
-    assert f"journal replayed: {left} payments requeued" in instance.process.output()
+    assert f"journal replayed: {left} payments requeued" in instance.output()
     assert wait_until(lambda: drained(instance), timeout=10)
     assert_ledger_matches(instance, default, fallback)
     assert instance.summary()["default"]["totalRequests"] == 40
@@ -1744,7 +1757,7 @@ def test_the_summary_stays_exact_while_a_peer_is_killed_or_hung_and_catches_up_a
         fresh, make_peers):
     # Issue 9: with a peer down the summary answered 502, which the contest counts as zeros.
     default, fallback = fresh
-    instances = make_peers(default, fallback, count=3)
+    instances = make_peers(default, fallback, count=3, process=True)  # killed, hung
     for instance in instances:
         pay_many(instance, 30, threads=3)
     assert all(wait_until(lambda: drained(instance)) for instance in instances)
@@ -1752,7 +1765,7 @@ def test_the_summary_stays_exact_while_a_peer_is_killed_or_hung_and_catches_up_a
     assert_every_summary_exact(instances, default, fallback, 90)
     assert wait_until(lambda: streamed(instances))
 
-    instances[2].process.stop(signal.SIGKILL)  # everything it confirmed was streamed
+    instances[2].stop(signal.SIGKILL)  # everything it confirmed was streamed
     assert_every_summary_exact(instances[:2], default, fallback, 90)
     pay_many(instances[0], 20, threads=2)  # the live ones go on
     assert wait_until(lambda: drained(instances[0]))
@@ -1789,8 +1802,9 @@ def accepted(instance):
 def window_query(now):
 
     """The contest's consistency window, [now - 15 s, now - 1.5 s], as its script writes it."""
-    def iso(seconds):
-        return rinha.iso_ms(int(seconds * 1000)).decode()
+    def iso(seconds):  # as rinha.iso_ms writes it, without its cache, which in-process instances' threads share
+        second, milli = divmod(int(seconds * 1000), 1000)
+        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{milli:03d}Z"
     return f"?from={iso(now - 15)}&to={iso(now - 1.5)}"
 
 
@@ -1840,16 +1854,17 @@ def make_load():
 @pytest.fixture
 
 def pair_behind_haproxy(fresh, tmp_path, make_peers, make_balancer):
-    """Two peered instances on api1.sock and api2.sock (and a port each) behind haproxy.cfg."""
-    instances = make_peers(*fresh, sockets=True)
+    """Two peered instances on api1.sock and api2.sock (and a port each) behind haproxy.cfg;
+    processes, as the tests that use it kill or hang one."""
+    instances = make_peers(*fresh, sockets=True, process=True)
     return instances, make_balancer(tmp_path)
 
 
-def test_remembered_ids_survive_restarts_and_compactions_of_both_instances(fresh, pair):
+def test_remembered_ids_survive_restarts_and_compactions_of_both_instances(fresh, make_peers):
     # Found by make chaos SEED=6: a client's retry seconds after the first copy, with the
     # instance restarted in between, was taken again: a restart remembered pending ids only.
     default, fallback = fresh
-    instances = pair
+    instances = make_peers(default, fallback, process=True)  # killed
     cid = str(uuid.uuid4())
     assert instances[0].pay(cid)[0] == 202
     assert wait_until(lambda: drained(instances[0]))
@@ -1857,7 +1872,7 @@ def test_remembered_ids_survive_restarts_and_compactions_of_both_instances(fresh
     assert wait_until(lambda: instances[1].health()["replicas"] == {instances[0].name: 1})
     for _ in range(2):  # each start replays the journal, then compacts it
         for instance in instances:
-            instance.process.stop(signal.SIGKILL)
+            instance.stop(signal.SIGKILL)
             instance.start()
     for instance in instances:  # learnt from the peer, or accepted here: the same payment
         assert instance.pay(cid)[0] == 202
@@ -1949,7 +1964,7 @@ def test_killed_under_load_the_survivor_answers_the_contest_window_exactly_every
     assert call(balancer.port, "GET", "/internal/ready")[0] == 403  # peers only
     load = make_load(balancer.port)
     assert wait_until(lambda: all(i.health()["accepted"] >= 50 for i in (survivor, victim)))  # both under load
-    victim.process.stop(signal.SIGKILL)
+    victim.stop(signal.SIGKILL)
     victim.start()  # as the compose file's restart policy does
     answers = []
     polled_until = time.monotonic() + 6
@@ -2138,13 +2153,14 @@ def test_a_summary_counts_what_a_peer_confirmed_a_moment_ago_and_falls_back_on_i
 
 
 def test_under_load_summaries_polled_through_the_balancer_never_go_back_and_match_the_processors(
-        fresh, pair_behind_haproxy, make_load):
+        fresh, tmp_path, make_peers, make_balancer, make_load):
     # Issue 16: the acceptance test: every 10 ms, the whole history (it may only grow) and
     # the contest's window (equal to the processors' records for it), through haproxy, while
     # payments flow through it; the default answers in 1 s, which keeps the promise.
     default, fallback = fresh
     default.configure(delay=1000)
-    instances, balancer = pair_behind_haproxy
+    instances = make_peers(default, fallback, sockets=True)  # in-process: nothing kills them
+    balancer = make_balancer(tmp_path)
     load = make_load(balancer.port, threads=20, pause=0.05)  # about 300 payments a second
     previous, polls, errors = -1, 0, []
     end = time.monotonic() + 8
@@ -2182,6 +2198,7 @@ def test_an_idle_instance_only_sends_its_peer_a_heartbeat_yet_new_confirmations_
     sender = make_instance("sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}",
                            REPLICA_HEARTBEAT_S=heartbeat)
     receiver = make_instance("receiver", default, fallback, port=receiver_port,  # its summary: the replica
+                             process=True,  # killed
                              PEERS=f"http://127.0.0.1:{sender.port}", REPLICA_HEARTBEAT_S=heartbeat,
                              PEER_SUMMARY_TIMEOUT_S=0)
     assert len(pay_many(sender, 5, threads=1)) == 5
@@ -2193,7 +2210,7 @@ def test_an_idle_instance_only_sends_its_peer_a_heartbeat_yet_new_confirmations_
     assert proxy.forwarded - before <= 1
     assert len(pay_many(sender, 1, threads=1)) == 1  # idle, then a confirmation: sent at a tick
     assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == 6, timeout=1.0)
-    receiver.process.stop(signal.SIGKILL)  # its replica was in memory only
+    receiver.stop(signal.SIGKILL)  # its replica was in memory only
     receiver.start()  # its first batch says it holds none of ours: we send at once
     assert wait_until(lambda: receiver.summary()["default"]["totalRequests"] == 6, timeout=2.0)
 
@@ -2206,12 +2223,13 @@ def test_lost_batch_answers_and_a_receiver_restarted_mid_stream_never_count_twic
     sender = make_instance("sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}",
                            REPLICA_BATCH=7)  # many small batches, so many answers are lost
     receiver = make_instance("receiver", default, fallback, port=receiver_port,  # its summary: the replica
+                             process=True,  # killed
                              PEERS=f"http://127.0.0.1:{sender.port}", PEER_SUMMARY_TIMEOUT_S=0)
     outcome = []
     paying = threading.Thread(target=lambda: outcome.extend(send_payments(sender, 400, 4)))
     paying.start()
     assert wait_until(lambda: proxy.forwarded >= 5)  # mid-stream
-    receiver.process.stop(signal.SIGKILL)  # it loses its replica mid-stream
+    receiver.stop(signal.SIGKILL)  # it loses its replica mid-stream
     receiver.start()
     paying.join()
     accepted, failed = outcome
@@ -2259,7 +2277,7 @@ def test_a_sender_restarted_while_its_peer_lags_resumes_where_the_peer_is(fresh,
     receiver_port = free_port()
     proxy = make_proxy(receiver_port)
     sender = make_instance("sender", default, fallback, PEERS=f"http://127.0.0.1:{proxy.port}",
-                           FALLBACK_AFTER_S=0)
+                           process=True, FALLBACK_AFTER_S=0)  # killed
     receiver = make_instance("receiver", default, fallback, port=receiver_port)  # no peer: its replica answers
     pay_many(sender, 30, threads=3)  # to the default
     default.configure(failure=True)
@@ -2272,7 +2290,7 @@ def test_a_sender_restarted_while_its_peer_lags_resumes_where_the_peer_is(fresh,
     pay_many(sender, 30, threads=3)  # to the default again: the log is D.., F.., D..
     assert wait_until(lambda: drained(sender))
     for _ in range(2):  # its journal is compacted at one start and replayed at the next
-        sender.process.stop(signal.SIGKILL)
+        sender.stop(signal.SIGKILL)
         sender.start()
     proxy.cut = False
     assert sender.summary()["fallback"]["totalRequests"] > 0
@@ -2287,8 +2305,8 @@ def test_a_restarted_instance_answers_from_the_replica_it_kept_on_disk_while_its
     accepted = pay_many(first, 60, threads=3)
     assert wait_until(lambda: drained(first))
     assert wait_until(lambda: second.health()["replicas"].get("api1") == 60)
-    second.process.stop()
-    first.process.stop()
+    second.stop()
+    first.stop()
     second.start()  # its peer is down: what it counts of api1 comes from its own files
     assert second.health()["replicas"] == {"api1": 60}
     assert second.summary()["default"]["totalRequests"] == len(accepted) == 60
@@ -2308,14 +2326,14 @@ def test_a_graceful_stop_streams_what_its_peers_lack_before_it_exits(fresh, make
     assert wait_until(lambda: drained(sender))
     assert receiver.summary()["default"]["totalRequests"] == 0
     proxy.cut = False
-    assert sender.process.stop() == 0
+    assert sender.stop() == 0
     assert receiver.summary()["default"]["totalRequests"] == len(accepted) == 20
     assert_ledger_matches(receiver, default, fallback)
 
 
 def test_purge_needs_the_token_and_empties_every_instance(fresh, make_peers):
     default, fallback = fresh
-    instances = make_peers(default, fallback, PURGE_TOKEN="secret")
+    instances = make_peers(default, fallback, process=True, PURGE_TOKEN="secret")  # killed
     port = instances[0].port
     for instance in instances:
         pay_many(instance, 10, threads=2)
@@ -2328,7 +2346,7 @@ def test_purge_needs_the_token_and_empties_every_instance(fresh, make_peers):
     pay_many(instances[0], 5, threads=1)  # the replicas start again from the purge's epoch
     assert wait_until(lambda: all(instance.summary()["default"]["totalRequests"] == 5 for instance in instances))
     for instance in instances:
-        instance.process.stop(signal.SIGKILL)
+        instance.stop(signal.SIGKILL)
         instance.start()  # the purge and its epoch are journaled too
     assert wait_until(lambda: all(instance.summary()["default"]["totalRequests"] == 5 for instance in instances))
     time.sleep(0.3)  # lets the replicas exchange again: the count must stay, not double
