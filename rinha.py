@@ -133,7 +133,7 @@ def log(message):
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 UUID_BYTES = re.compile(UUID_PATTERN.pattern.encode())
-_second_text = [-1, b""]  # cache: the formatted second changes once a second, not once a payment
+_second_text = (-1, b"")  # cache of the formatted second; one tuple, replaced whole (thread-safe)
 
 
 def now_ms():
@@ -143,9 +143,11 @@ def now_ms():
 def iso_ms(ms):
     """1752150896789 -> b'2025-07-10T12:34:56.789Z' (JavaScript's toISOString form)."""
     second, milli = divmod(ms, 1000)
-    if second != _second_text[0]:
-        _second_text[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-    return b"%s.%03dZ" % (_second_text[1], milli)
+    global _second_text
+    cached = _second_text
+    if second != cached[0]:
+        cached = _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+    return b"%s.%03dZ" % (cached[1], milli)
 
 
 def parse_iso_ms(text, round_up):
@@ -417,8 +419,8 @@ class Ledger:
         return [*self.window(DEFAULT, low, high), *self.window(FALLBACK, low, high)]
 
     def freeze(self, drop_before=None):
-        """Move the tail below `safe` to the sorted files, drop what is older than `drop_before` (ms), save a
-        checkpoint. An entry below the frozen part (the clock went back) stays in the tail."""
+        """Tail below `safe` -> sorted files, drop what precedes `drop_before` (ms), save a checkpoint; an entry
+        below the frozen part (the clock went back) stays in the tail."""
         punches = self.drop(drop_before) if drop_before is not None else []
         moved = bool(punches)
         for p, (times, amounts) in enumerate(self.tail):
@@ -1184,8 +1186,7 @@ class Pipeline:
         self.pump_soon()
 
     def pump_soon(self):
-        """Pump at once, or FORWARD_BATCH_S after the latest pump that sent: under load, payments go out and their
-        answers come back together, halving the wakeups (each costs more than a payment's work)."""
+        """Pump at once, or FORWARD_BATCH_S after the latest pump that sent: fewer wakeups (DESIGN.md, The pump)."""
         if not self.pump_due:
             self.pump_due = True
             wait = self.pumped_at + self.config.forward_batch_s - time.monotonic()
@@ -1371,8 +1372,7 @@ class Pipeline:
                 journal.compact(self.ledger.epoch, self.backlog.pending(), journal.end, list(self.recent.order)))
 
     async def check_pins(self):
-        """Each PIN_CHECK_INTERVAL_S, look up payments pinned PIN_SETTLE_S to a down processor (a working one
-        re-sends)."""
+        """Each PIN_CHECK_INTERVAL_S, look up payments pinned PIN_SETTLE_S to a down processor."""
         while self.running:
             await asyncio.sleep(self.config.pin_check_interval_s)
             now = time.monotonic()
@@ -1456,8 +1456,7 @@ class Replication:
         self.tasks = [asyncio.ensure_future(self.stream(stream)) for stream in self.streams]
 
     async def stream(self, stream):
-        """Send the peer what it lacks and the ids accepted here; at once again while more than a batch is left.
-        Idle, a heartbeat only (a restarted peer may not have written to us yet): a wakeup costs CPU."""
+        """Send the peer what it lacks and the ids accepted here (again at once while behind); idle, a heartbeat."""
         loop, config = asyncio.get_running_loop(), self.config
         while True:
             busy = bool(stream.ids) or self.lacks(stream)
@@ -1658,9 +1657,12 @@ class Server:
         if self.ticks * self.config.tick_s >= 1.0:
             self.ticks = 0
             self.pipeline.ledger.safe = self.pipeline.safe_below()
-            retention = self.config.history_retention_s
+            cut = now_ms() - int(self.config.history_retention_s * 1000) if self.config.history_retention_s else None
             for ledger in ledgers:
-                ledger.freeze(now_ms() - int(retention * 1000) if retention else None)
+                try:
+                    ledger.freeze(cut)
+                except OSError as error:  # a full disk: the tail stays in memory, tried again next second
+                    log(f"ledger not frozen: {error}")
             self.loop_lag, self.lag_now = self.lag_now, 0.0
             self.sweep()
             self.pipeline.journal.retry_reserve()
@@ -2102,6 +2104,8 @@ async def serve(config, stop=None, started=None):
 
 
 def main():
+    # glibc's heap keeps the holes of large freed blocks (RSS grew in steps, bench/RESULTS.md): mmap them
+    LIBC.mallopt(-3, 131072)  # M_MMAP_THRESHOLD
     uvloop.run(serve(Config.from_env()))
 
 
