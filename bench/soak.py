@@ -623,9 +623,10 @@ def render_startup(result, command):
         f"### Start-up {now()} UTC, {git_commit()}, `{command}`",
         "",
         f"{machine()}; one instance (api1) under {result['limits']}, holding its own ledger and a replica of "
-        f"api2's (the history split between them as in a soak), its peer unreachable, no journal; from spawn to its "
-        f"\"listening on\" line, median of {result['repeats']} (min-max); RSS then; its first summary of the whole "
-        f"history, against the generated totals. Target: under {STARTUP_TARGET_S:g} s with 10,000,000.",
+        f"api2's (the history split between them as in a soak), its peer unreachable, its journal empty (none at "
+        f"the first start); from spawn to its \"listening on\" line, median of {result['repeats']} (min-max); "
+        f"RSS then; its first summary of the whole history, against the generated totals. Target: under "
+        f"{STARTUP_TARGET_S:g} s with 10,000,000.",
         "",
         "| confirmed payments | ledger files MB | start-up ms, median (min-max) | RSS after start MB "
         "| first summary ms | summary exact |",
