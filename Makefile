@@ -65,5 +65,10 @@ chaos: $(VENV)/.dev
 	$(BIN)/python -m bench.chaos $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
 
 # A soak under the limits (bench/soak.py, not in make test): make soak [DURATION=600] [RATE=280]
+# [HISTORY=n: n confirmed payments generated into the ledgers first] [LIMITS=per-service] [SLICE=60];
+# make soak STARTUP=n: start-up time of an instance holding n confirmed payments instead (no load).
+# The issue's proof: make soak HISTORY=4500000 RATE=1500 LIMITS=per-service; make soak STARTUP=10000000
 soak: $(VENV)/.dev
-	$(BIN)/python -m bench.soak $(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--rate $(RATE))
+	$(BIN)/python -m bench.soak $(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--rate $(RATE)) \
+	  $(if $(SLICE),--slice $(SLICE)) $(if $(HISTORY),--history $(HISTORY)) $(if $(LIMITS),--limits $(LIMITS)) \
+	  $(if $(STARTUP),--startup $(STARTUP))
