@@ -40,13 +40,11 @@ class Emulator:
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + timeout
         while True:
-            self.log.seek(0)
-            found = re.search(rb"processor listening on (\S+)", self.log.read())
+            found = re.search(rb"processor listening on (\S+)", self.output())
             if found:
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                output = self.log.read().decode(errors="replace")
+                output = self.output().decode(errors="replace")
                 self.stop()
                 raise RuntimeError("emulator did not start: " + output)
             time.sleep(0.02)
@@ -56,6 +54,12 @@ class Emulator:
         else:
             host, _, port = where.rpartition(":")
             self.address = (host, int(port))
+
+    def output(self):
+        """What the emulator wrote to stderr so far. It shares the file's offset with the
+        emulator (stderr writes the text and its newline apart), so this reads with pread:
+        a seek here could let the newline overwrite the line's first byte."""
+        return os.pread(self.log.fileno(), 1 << 20, 0)
 
     def stop(self, signum=signal.SIGTERM):
         """Signal the process (by PID) and return its exit status."""
@@ -227,6 +231,16 @@ def fresh():
 # ---------------------------------------------------------------------------
 # POST /payments and GET /payments/{id}
 # ---------------------------------------------------------------------------
+
+def test_reading_the_emulators_output_leaves_the_offset_it_writes_at(fresh):
+    """The emulator writes its listening line and the newline apart; a reader that seeks
+    between them made the newline overwrite the "p" (a CI run waited 15 s for it)."""
+    emu = fresh()
+    end = os.lseek(emu.log.fileno(), 0, os.SEEK_END)
+    os.lseek(emu.log.fileno(), end - 1, os.SEEK_SET)   # as if between the text and its newline
+    assert emu.output().startswith(b"processor listening on ")
+    assert os.lseek(emu.log.fileno(), 0, os.SEEK_CUR) == end - 1
+
 
 def test_post_payment_answers_200_message_and_stores_it(emu):
     cid = str(uuid.uuid4())
