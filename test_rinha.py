@@ -796,7 +796,7 @@ def test_the_journal_is_compacted_while_running_and_a_kill_during_it_loses_and_d
                                         instance.output())[-1])
     assert after < before  # it also keeps what was under way and what came meanwhile: no bound
     instance.stop()
-    instance.start()  # nothing under way now: the state alone, ~63 bytes an id remembered
+    instance.start()  # the same Journal.compaction, nothing under way: ~63 bytes an id remembered
     after = int(re.search(r"compacted at start: \d+ -> (\d+) bytes", instance.output())[1])
     assert after < 70 * (len(accepted) + 4000)
 

@@ -228,10 +228,6 @@ def fresh():
         assert emu.stop() == 0
 
 
-# ---------------------------------------------------------------------------
-# POST /payments and GET /payments/{id}
-# ---------------------------------------------------------------------------
-
 def test_reading_the_emulators_output_leaves_the_offset_it_writes_at(fresh):
     """The emulator writes its listening line and the newline apart; a reader that seeks
     between them made the newline overwrite the "p" (a CI run waited 15 s for it)."""
@@ -241,6 +237,10 @@ def test_reading_the_emulators_output_leaves_the_offset_it_writes_at(fresh):
     assert emu.output().startswith(b"processor listening on ")
     assert os.lseek(emu.log.fileno(), 0, os.SEEK_CUR) == end - 1
 
+
+# ---------------------------------------------------------------------------
+# POST /payments and GET /payments/{id}
+# ---------------------------------------------------------------------------
 
 def test_post_payment_answers_200_message_and_stores_it(emu):
     cid = str(uuid.uuid4())
